@@ -1,0 +1,132 @@
+"""The handler contract and the per-channel transfer vocabulary exact lumping reads.
+
+A handler knows one op family: how channels flow through it (`propagate`), which
+initializers a rewrite would edit (`params`), what it does to each channel (`transfer`),
+and how to apply a plan to its weights (`rewrite`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import onnx
+
+from ...graph import Graph
+from ..groups import AnalysisContext, Unsupported
+
+if TYPE_CHECKING:
+    from ...rewrite import RewriteContext
+
+
+@dataclass(frozen=True)
+class Affine:
+    """y_c = scale_c * x_c + shift_c (BatchNormalization, bias Add, per-channel Mul...)."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+
+
+@dataclass(frozen=True)
+class Activation:
+    """y = f(x) element-wise. `homogeneous`: f(λt) = λ f(t) for λ > 0; `odd`: f(-t) = -f(t).
+    `params` (C, k) are per-channel parameters two channels must share to stay related."""
+
+    fn: Callable[[np.ndarray], np.ndarray]
+    kind: Literal["homogeneous", "odd", "general"]
+    params: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Spatial:
+    """Pooling, Pad, Resize: per-channel maps over positions. `linear` ops commute with
+    scaling of either sign, max-like ones only with positive scaling; `keeps_offset` is
+    False when zero padding makes borders differ from a constant shift."""
+
+    linear: bool
+    keeps_offset: bool
+
+
+@dataclass(frozen=True)
+class Depthwise:
+    """One spatial filter per channel: y_c = w_c * x_c + b_c."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    padded: bool
+
+
+@dataclass(frozen=True)
+class Normalize:
+    """Per-channel normalization over positions (InstanceNormalization): scale-invariant."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+
+
+@dataclass(frozen=True)
+class Join:
+    """Element-wise combination of two tracked tensors (residual Add/Sub, gating Mul)."""
+
+    op: Literal["add", "sub", "mul"]
+
+
+class Passthrough:
+    """Channels are moved (Flatten, Transpose, Concat...) but not changed."""
+
+
+Transfer = Affine | Activation | Spatial | Depthwise | Normalize | Join | Passthrough
+
+
+class OpHandler:
+    """Default: an op that only moves channels. Subclasses override what they know."""
+
+    ops: tuple[str, ...] = ()
+
+    def starts_group(self, node: onnx.NodeProto, graph: Graph) -> bool:
+        """True for producers, which create channels from untracked inputs."""
+        return False
+
+    def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        raise Unsupported(f"no channel rule for {node.op_type}")
+
+    def params(self, node: onnx.NodeProto, graph: Graph) -> list[str]:
+        """Initializers a rewrite of this node edits (must not be shared with other nodes)."""
+        return []
+
+    def transfer(self, node: onnx.NodeProto, graph: Graph) -> Transfer:
+        return Passthrough()
+
+    def rewrite(self, node: onnx.NodeProto, rw: RewriteContext) -> None:
+        """Apply the plans to this node's parameters; default: nothing to edit."""
+
+
+def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def require_plain(ctx: AnalysisContext, name: str) -> None:
+    """Per-channel parameters only make sense on an un-flattened channel axis."""
+    lay = ctx.layout(name)
+    if lay is not None and (lay.outer != 1 or any(s.stride != 1 for s in lay.segments)):
+        raise Unsupported(f"per-channel op on flattened features of {name}")
+
+
+def per_channel(value: np.ndarray, rank: int, axis: int, channels: int) -> np.ndarray | None:
+    """A constant broadcast along the channel axis as a (C,) vector, or None if it is not
+    per-channel (varies along another axis). Uniform constants come back with shape (1,)."""
+    if value.ndim > rank:
+        return None
+    shape = (1,) * (rank - value.ndim) + value.shape
+    for ax, n in enumerate(shape):
+        if ax != axis and n != 1:
+            return None
+    n = shape[axis]
+    if n not in (1, channels):
+        return None
+    return value.reshape(n).astype(np.float64)

@@ -1,0 +1,226 @@
+"""Conv, Gemm and MatMul with constant weights: they produce and consume channels.
+
+A consumer reads its input channels through its weight's input axis, so a plan folds as
+``W' = W @ mix`` on that axis; the offsets become ``bias += W @ offset``. A producer writes
+one channel per output row, sliced by the plan's keep set. Depthwise Conv is a carrier.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ...graph import Graph
+from ..groups import AnalysisContext, Role, Unsupported
+from ..layout import Layout, Segment
+from .base import Depthwise, OpHandler, Transfer, attr, require_plain
+
+
+class LinearHandler(OpHandler):
+    """Shared shape of the three: canonical weight (out, in, ...) and an optional bias."""
+
+    def weight(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray:
+        """Weight as (out, in, ...), with any scale the op applies (Gemm alpha) included."""
+        raise NotImplementedError
+
+    def bias(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray:
+        """Effective per-output bias (zeros when absent)."""
+        raise NotImplementedError
+
+    def can_fold_offset(self, node: onnx.NodeProto) -> bool:
+        """A constant input offset folds into the bias exactly (no zero padding)."""
+        return True
+
+    def starts_group(self, node: onnx.NodeProto, graph: Graph) -> bool:
+        return self._weight_const(node, graph) is not None
+
+    def _weight_const(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray | None:
+        return graph.const(node.input[1]) if len(node.input) > 1 else None
+
+    def _produce(self, node: onnx.NodeProto, ctx: AnalysisContext, axis: int, n: int) -> None:
+        ctx.set_layout(node.output[0], Layout(axis, (Segment(ctx.new_group(n), n),)))
+        ctx.add_member(node, Role.PRODUCER, node.output[0])
+
+    def _consume(self, node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> None:
+        lay = ctx.layout(node.input[0])
+        if lay is None:
+            return
+        if lay.axis != axis:
+            raise Unsupported(f"{node.op_type} reduces axis {axis}, channels are on {lay.axis}")
+        ctx.add_member(node, Role.CONSUMER, node.input[0])
+
+
+class ConvHandler(LinearHandler):
+    ops = ("Conv",)
+
+    def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        w = self._weight_const(node, ctx.graph)
+        if w is None:
+            raise Unsupported("Conv weight is not constant")
+        if len(node.input) > 2 and node.input[2] and ctx.graph.const(node.input[2]) is None:
+            raise Unsupported("Conv bias is not constant")
+        group = int(attr(node, "group", 1))
+        if group == 1:
+            self._consume(node, ctx, 1)
+            self._produce(node, ctx, 1, w.shape[0])
+        elif self._depthwise(node, w):
+            lay = ctx.layout(node.input[0])
+            require_plain(ctx, node.input[0])
+            ctx.set_layout(node.output[0], lay)
+            ctx.add_member(node, Role.CARRIER, node.output[0])
+        else:
+            raise Unsupported(f"grouped Conv (group={group})")
+
+    def starts_group(self, node: onnx.NodeProto, graph: Graph) -> bool:
+        return super().starts_group(node, graph) and int(attr(node, "group", 1)) == 1
+
+    @staticmethod
+    def _depthwise(node: onnx.NodeProto, w: np.ndarray) -> bool:
+        group = int(attr(node, "group", 1))
+        return group > 1 and w.shape[0] == group and w.shape[1] == 1
+
+    def params(self, node: onnx.NodeProto, graph: Graph) -> list[str]:
+        return [n for n in node.input[1:3] if n]
+
+    def weight(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray:
+        return graph.const(node.input[1])
+
+    def bias(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray:
+        if len(node.input) > 2 and node.input[2]:
+            return graph.const(node.input[2]).astype(np.float64)
+        return np.zeros(graph.const(node.input[1]).shape[0])
+
+    def can_fold_offset(self, node: onnx.NodeProto) -> bool:
+        pads = attr(node, "pads", None) or []
+        auto = attr(node, "auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else auto
+        return not any(pads) and auto in ("NOTSET", "VALID")
+
+    def transfer(self, node: onnx.NodeProto, graph: Graph) -> Transfer:
+        w = self.weight(node, graph)
+        return Depthwise(w.reshape(w.shape[0], -1).astype(np.float64), self.bias(node, graph),
+                         not self.can_fold_offset(node))
+
+    def rewrite(self, node: onnx.NodeProto, rw) -> None:
+        w = rw.array(node.input[1])
+        b = rw.array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if self._depthwise(node, rw.graph.const(node.input[1])):
+            keep = rw.keep_index(node.output[0])
+            rw.stage(node.input[1], w[keep])
+            if b is not None:
+                rw.stage(node.input[2], b[keep])
+            rw.set_attr(node, "group", len(keep))
+            return
+        if rw.touched(node.input[0]):
+            w, delta = rw.fold(w, node.input[0])
+            b = _add_bias(b, delta, w.dtype)
+        if rw.touched(node.output[0]):
+            keep = rw.keep_index(node.output[0])
+            w = w[keep]
+            b = b[keep] if b is not None else None
+        rw.stage(node.input[1], w)
+        _write_bias(node, 2, b, rw)
+
+
+class GemmHandler(LinearHandler):
+    ops = ("Gemm",)
+
+    def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        w = self._weight_const(node, ctx.graph)
+        if w is None or w.ndim != 2:
+            raise Unsupported("Gemm weight is not a constant matrix")
+        if ctx.layout(node.input[0]) is not None and attr(node, "transA", 0):
+            raise Unsupported("Gemm with transA reads channels on axis 0")
+        n = w.shape[0] if attr(node, "transB", 0) else w.shape[1]
+        if len(node.input) > 2 and node.input[2]:
+            c = ctx.graph.const(node.input[2])
+            if c is None or c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1):
+                raise Unsupported("Gemm bias is not a per-output constant")
+        self._consume(node, ctx, 1)
+        self._produce(node, ctx, 1, n)
+
+    def params(self, node: onnx.NodeProto, graph: Graph) -> list[str]:
+        return [n for n in node.input[1:3] if n]
+
+    def _raw(self, node: onnx.NodeProto, w: np.ndarray) -> np.ndarray:
+        return w if attr(node, "transB", 0) else w.T
+
+    def weight(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray:
+        return float(attr(node, "alpha", 1.0)) * self._raw(node, graph.const(node.input[1]))
+
+    def bias(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray:
+        n = self._raw(node, graph.const(node.input[1])).shape[0]
+        if len(node.input) > 2 and node.input[2]:
+            c = graph.const(node.input[2]).astype(np.float64)
+            return float(attr(node, "beta", 1.0)) * np.broadcast_to(c.reshape(-1), (n,))
+        return np.zeros(n)
+
+    def rewrite(self, node: onnx.NodeProto, rw) -> None:
+        alpha = float(attr(node, "alpha", 1.0))
+        w = self._raw(node, rw.array(node.input[1]))
+        b = self.bias(node, rw.graph) if len(node.input) > 2 and node.input[2] else None
+        if rw.touched(node.input[0]):
+            w, delta = rw.fold(w, node.input[0])
+            b = _add_bias(b, alpha * delta, w.dtype)
+        if rw.touched(node.output[0]):
+            keep = rw.keep_index(node.output[0])
+            w = w[keep]
+            b = b[keep] if b is not None else None
+        rw.stage(node.input[1], self._raw(node, w))
+        if b is not None:
+            rw.set_attr(node, "beta", 1.0)
+        _write_bias(node, 2, b, rw)
+
+
+class MatMulHandler(LinearHandler):
+    ops = ("MatMul",)
+
+    def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        w = self._weight_const(node, ctx.graph)
+        if w is None or w.ndim != 2:
+            raise Unsupported("MatMul weight is not a constant matrix")
+        rank = ctx.rank(node.input[0])
+        if rank < 2:
+            raise Unsupported("MatMul on a vector")
+        self._consume(node, ctx, rank - 1)
+        self._produce(node, ctx, rank - 1, w.shape[1])
+
+    def params(self, node: onnx.NodeProto, graph: Graph) -> list[str]:
+        return [node.input[1]]
+
+    def weight(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray:
+        return graph.const(node.input[1]).T
+
+    def bias(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray:
+        return np.zeros(graph.const(node.input[1]).shape[1])
+
+    def rewrite(self, node: onnx.NodeProto, rw) -> None:
+        w = rw.array(node.input[1]).T
+        delta = None
+        if rw.touched(node.input[0]):
+            w, delta = rw.fold(w, node.input[0])
+        if rw.touched(node.output[0]):
+            keep = rw.keep_index(node.output[0])
+            w = w[keep]
+            delta = delta[keep] if delta is not None else None
+        rw.stage(node.input[1], np.ascontiguousarray(w.T))
+        if delta is not None and np.any(delta):
+            rw.bias_after[node.name] = delta.astype(w.dtype)
+
+
+def _add_bias(b: np.ndarray | None, delta: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+    if b is None:
+        return delta.astype(dtype) if np.any(delta) else None
+    return (b.astype(np.float64) + delta).astype(dtype)
+
+
+def _write_bias(node: onnx.NodeProto, index: int, b: np.ndarray | None, rw) -> None:
+    if b is None:
+        return
+    if len(node.input) > index and node.input[index]:
+        rw.stage(node.input[index], b.reshape(-1))
+    else:
+        rw.add_input(node, index, b.reshape(-1))
+
+
+HANDLERS = (ConvHandler(), GemmHandler(), MatMulHandler())

@@ -1,0 +1,121 @@
+"""Pooling, Pad, Resize and spatial reductions: each channel is mapped over positions alone.
+
+Average-like ops are linear, so scaling of either sign and constant shifts pass through;
+max-like ops commute with positive scaling only. Zero padding (Pad, pooling that counts
+pads) breaks constant shifts at the borders.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from ...graph import Graph
+from ..groups import AnalysisContext, Unsupported
+from .base import OpHandler, Spatial, Transfer, attr, require_plain
+
+
+def _axes(node: onnx.NodeProto, graph: Graph) -> list[int] | None:
+    axes = attr(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = graph.const(node.input[1])
+        if value is None:
+            raise Unsupported(f"{node.op_type} axes are not constant")
+        axes = value.tolist()
+    return None if axes is None else [int(a) for a in axes]
+
+
+class PoolHandler(OpHandler):
+    ops = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool",
+           "GlobalLpPool")
+
+    def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        lay = ctx.layout(node.input[0])
+        if lay.axis != 1:
+            raise Unsupported(f"{node.op_type} on channels at axis {lay.axis}")
+        require_plain(ctx, node.input[0])
+        if len(node.output) > 1 and ctx.graph.consumers.get(node.output[1]):
+            raise Unsupported("MaxPool indices are used")
+        ctx.set_layout(node.output[0], lay)
+
+    def transfer(self, node: onnx.NodeProto, graph: Graph) -> Transfer:
+        op = node.op_type
+        padded = any(attr(node, "pads", None) or []) or \
+            attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID")
+        if "Max" in op:
+            return Spatial(linear=False, keeps_offset=True)
+        if "Lp" in op:
+            return Spatial(linear=False, keeps_offset=False)
+        counts_pads = bool(attr(node, "count_include_pad", 0))
+        return Spatial(linear=True, keeps_offset=not (padded and counts_pads))
+
+
+class ReduceHandler(OpHandler):
+    """ReduceMean / ReduceMax over positions only (Keras' global pooling)."""
+
+    ops = ("ReduceMean", "ReduceMax")
+
+    def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        lay = ctx.layout(node.input[0])
+        rank = ctx.rank(node.input[0])
+        axes = _axes(node, ctx.graph)
+        if axes is None:
+            raise Unsupported(f"{node.op_type} over every axis")
+        axes = sorted(a % rank for a in axes)
+        if lay.axis in axes or 0 in axes:
+            raise Unsupported(f"{node.op_type} over the channel or batch axis")
+        require_plain(ctx, node.input[0])
+        keep = int(attr(node, "keepdims", 1))
+        shift = 0 if keep else sum(1 for a in axes if a < lay.axis)
+        ctx.set_layout(node.output[0], lay.with_axis(lay.axis - shift))
+
+    def transfer(self, node: onnx.NodeProto, graph: Graph) -> Transfer:
+        return Spatial(linear=node.op_type == "ReduceMean", keeps_offset=True)
+
+
+class PadHandler(OpHandler):
+    ops = ("Pad",)
+
+    def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        lay = ctx.layout(node.input[0])
+        pads = self._pads(node, ctx.graph)
+        rank = ctx.rank(node.input[0])
+        if pads is None or pads[lay.axis] or pads[lay.axis + rank]:
+            raise Unsupported("Pad along the channel axis (or pads not constant)")
+        require_plain(ctx, node.input[0])
+        ctx.set_layout(node.output[0], lay)
+
+    @staticmethod
+    def _pads(node: onnx.NodeProto, graph: Graph) -> list[int] | None:
+        pads = attr(node, "pads", None)
+        if pads is None and len(node.input) > 1:
+            value = graph.const(node.input[1])
+            pads = None if value is None else value.tolist()
+        if len(node.input) > 3 and node.input[3]:
+            return None  # explicit axes: keep it simple and refuse
+        return pads
+
+    def transfer(self, node: onnx.NodeProto, graph: Graph) -> Transfer:
+        mode = attr(node, "mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        return Spatial(linear=True, keeps_offset=mode != "constant")
+
+
+class ResizeHandler(OpHandler):
+    ops = ("Resize", "Upsample")
+
+    def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        lay = ctx.layout(node.input[0])
+        shape_in = ctx.graph.shape(node.input[0])
+        shape_out = ctx.graph.shape(node.output[0])
+        if shape_in is None or shape_out is None or shape_out[lay.axis] != shape_in[lay.axis]:
+            raise Unsupported(f"{node.op_type} may change the channel axis")
+        if len(node.input) > 3 and node.input[3]:
+            raise Unsupported(f"{node.op_type} with explicit sizes (they name the channel count)")
+        require_plain(ctx, node.input[0])
+        ctx.set_layout(node.output[0], lay)
+
+    def transfer(self, node: onnx.NodeProto, graph: Graph) -> Transfer:
+        return Spatial(linear=True, keeps_offset=True)
+
+
+HANDLERS = (PoolHandler(), ReduceHandler(), PadHandler(), ResizeHandler())

@@ -1,0 +1,151 @@
+"""A read-only index over a ModelProto: producers, consumers, constants and shapes.
+
+onnx-graphsurgeon would give the same view, but copies every weight on import and export;
+slimming edits a handful of initializers in place, so a thin index over the proto is enough.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import BadModelError
+
+
+class Graph:
+    """Producer / consumer maps, constant lookup and inferred shapes of one model."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        g = model.graph
+        self.nodes: list[onnx.NodeProto] = list(g.node)
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in g.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.nodes:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for name in _inputs_including_subgraphs(node):
+                self.consumers[name].append(node)
+        self.graph_inputs = [i.name for i in g.input if i.name not in self.initializers]
+        self.graph_outputs = {o.name for o in g.output}
+        self._shapes = _collect_shapes(g)
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of an initializer, or None for a computed tensor."""
+        if name not in self.initializers:
+            return None
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self.initializers[name])
+        return self._arrays[name]
+
+    def shape(self, name: str) -> tuple[int | None, ...] | None:
+        """Inferred shape with None for dynamic dimensions; None when the rank is unknown."""
+        if name in self.initializers:
+            return tuple(self.initializers[name].dims)
+        return self._shapes.get(name)
+
+    def users(self, name: str) -> int:
+        """How many node inputs read `name` (an initializer shared by two nodes counts 2)."""
+        return len(self.consumers.get(name, ()))
+
+
+def _inputs_including_subgraphs(node: onnx.NodeProto) -> Iterator[str]:
+    """Direct inputs, plus outer-scope names read implicitly by If/Loop/Scan bodies."""
+    yield from (i for i in node.input if i)
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            local = {i.name for i in sub.input} | {t.name for t in sub.initializer}
+            for inner in sub.node:
+                local.update(inner.output)
+            for inner in sub.node:
+                yield from (i for i in _inputs_including_subgraphs(inner) if i not in local)
+
+
+def _collect_shapes(g: onnx.GraphProto) -> dict[str, tuple[int | None, ...]]:
+    shapes: dict[str, tuple[int | None, ...]] = {}
+    for vi in [*g.input, *g.value_info, *g.output]:
+        t = vi.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
+                                for d in t.shape.dim)
+    return shapes
+
+
+def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Make weights visible and shapes known: Constant nodes become initializers, every node
+    gets a unique name, shapes are inferred. Edits `model` in place (a private copy)."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    inits = {t.name: t for t in g.initializer}
+    kept = []
+    for node in g.node:
+        default = node.domain in ("", "ai.onnx") and node.output[0] not in outputs
+        if default and node.op_type == "Constant":
+            g.initializer.append(_constant_tensor(node))
+        elif default and node.op_type == "Identity" and node.input[0] in inits:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            g.initializer.append(copy)
+        else:
+            kept.append(node)
+    del g.node[:]
+    g.node.extend(kept)
+    _name_nodes(g)
+    _drop_initializer_inputs(model)
+    return infer_shapes(model)
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Strict shape inference; a model it rejects is not one we can reason about."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise BadModelError(f"shape inference failed: {first}") from None
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto:
+    attr = node.attribute[0]
+    if attr.name == "value":
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(attr.t)
+    elif attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
+        value = onnx.helper.get_attribute_value(attr)
+        dtype = np.float32 if "float" in attr.name else np.int64
+        tensor = numpy_helper.from_array(np.asarray(value, dtype=dtype))
+    else:
+        raise BadModelError(f"Constant node {node.name!r} uses unsupported attribute {attr.name}")
+    tensor.name = node.output[0]
+    return tensor
+
+
+def _name_nodes(g: onnx.GraphProto) -> None:
+    seen: set[str] = set()
+    for i, node in enumerate(g.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+            while node.name in seen:
+                node.name += "_"
+        seen.add(node.name)
+
+
+def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
+    """Old exporters list initializers as graph inputs too; they are weights, not inputs.
+    IR < 4 requires that listing, so those models keep it."""
+    if model.ir_version < 4:
+        return
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    keep = [i for i in g.input if i.name not in inits]
+    if len(keep) != len(g.input):
+        del g.input[:]
+        g.input.extend(keep)

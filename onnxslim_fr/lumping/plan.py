@@ -1,0 +1,56 @@
+"""Plans: what happens to each channel group, independent of how it was decided.
+
+Per group: the kept channels and, per read point, "old channel values ≈ mix @ kept +
+offset". A consumer folds it as ``W_kept' = W @ mix`` and ``bias' = bias + W @ offset``.
+Identity: all kept. Duplicate or positive multiple: a row with one positive entry.
+Dead or constant: a zero row plus the constant. Redundancy: least-squares rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class GroupPlan:
+    size: int
+    keep: np.ndarray
+    mix: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    method: str = "exact"
+
+    @property
+    def removed(self) -> int:
+        return self.size - len(self.keep)
+
+    def check(self, read_points: list[str]) -> None:
+        """Invariants every planner must meet; a violation is a bug, not a user error."""
+        assert np.all(np.diff(self.keep) > 0), "keep must be sorted and unique"
+        assert 0 < len(self.keep) <= self.size, "a group keeps at least one channel"
+        for name in read_points:
+            mix, offset = self.mix[name]
+            assert mix.shape == (self.size, len(self.keep)), f"mix shape at {name}"
+            assert offset.shape == (self.size,), f"offset shape at {name}"
+            assert np.allclose(mix[self.keep], np.eye(len(self.keep))), "kept rows are identity"
+            assert np.allclose(offset[self.keep], 0.0), "kept channels have no offset"
+
+
+Plan = dict[int, GroupPlan]
+
+
+def removal_plan(size: int, keep: np.ndarray, read_points: list[str],
+                 rows: dict[str, tuple[np.ndarray, np.ndarray]], method: str) -> GroupPlan:
+    """Build a plan from per-read-point (mix, offset) rows given only for removed channels."""
+    keep = np.asarray(sorted(keep), dtype=np.int64)
+    mixes = {}
+    for name in read_points:
+        mix = np.zeros((size, len(keep)))
+        mix[keep, np.arange(len(keep))] = 1.0
+        offset = np.zeros(size)
+        removed_mix, removed_off = rows[name]
+        removed = np.setdiff1d(np.arange(size), keep)
+        mix[removed] = removed_mix
+        offset[removed] = removed_off
+        mixes[name] = (mix, offset)
+    return GroupPlan(size, keep, mixes, method)

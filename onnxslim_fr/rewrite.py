@@ -1,0 +1,152 @@
+"""The only pass that edits a model: applies a Plan through the op handlers.
+
+Handlers stage new arrays and attributes here; nothing touches the model until every
+handler has run. Then initializers are replaced, stale shapes dropped and re-inferred,
+and the checker must accept the result.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .channels.groups import GroupSet
+from .channels.handlers import handler_for
+from .channels.layout import Layout
+from .errors import SlimError
+from .graph import Graph, infer_shapes
+from .lumping.plan import Plan
+
+
+class RewriteContext:
+    """Staging area handed to handlers: read arrays, stage replacements, fold plans."""
+
+    def __init__(self, graph: Graph, groups: GroupSet, plans: Plan) -> None:
+        self.graph = graph
+        self.groups = groups
+        self.plans = {g: p for g, p in plans.items() if p.removed}
+        self.staged: dict[str, np.ndarray] = {}
+        self.new_inputs: dict[tuple[str, int], str] = {}
+        self.attrs: dict[tuple[str, str], object] = {}
+        self.bias_after: dict[str, np.ndarray] = {}
+
+    def touched(self, tensor: str) -> bool:
+        lay = self.groups.layouts.get(tensor)
+        return lay is not None and any(g in self.plans for g in lay.groups())
+
+    def array(self, name: str) -> np.ndarray:
+        if name in self.staged:
+            return self.staged[name]
+        value = self.graph.const(name)
+        if value is None:
+            raise SlimError(f"internal: {name} is not a constant")
+        return value
+
+    def stage(self, name: str, value: np.ndarray) -> None:
+        self.staged[name] = value.astype(self.graph.const(name).dtype, copy=False)
+
+    def add_input(self, node: onnx.NodeProto, index: int, value: np.ndarray) -> None:
+        """Give `node` a new constant input (a bias it lacked, a private Reshape shape)."""
+        name = f"{node.name}__slim_in{index}"
+        self.staged[name] = value
+        self.new_inputs[(node.name, index)] = name
+
+    def set_attr(self, node: onnx.NodeProto, name: str, value: object) -> None:
+        self.attrs[(node.name, name)] = value
+
+    def layout(self, tensor: str) -> Layout:
+        return self.groups.layouts[tensor]
+
+    def new_layout(self, tensor: str) -> Layout:
+        lay = self.layout(tensor)
+        return lay.resized({g: len(p.keep) for g, p in self.plans.items()})
+
+    def keep_index(self, tensor: str) -> np.ndarray:
+        """Element indices along the tensor's channel axis that survive, in order."""
+        lay = self.layout(tensor)
+        parts = []
+        for k, seg in enumerate(lay.segments):
+            idx = lay.feature_index(k)
+            plan = self.plans.get(seg.group) if seg.group is not None else None
+            parts.append((idx[plan.keep] if plan else idx).ravel())
+        return np.sort(np.concatenate(parts))
+
+    def fold(self, weight: np.ndarray, tensor: str) -> tuple[np.ndarray, np.ndarray]:
+        """Fold the plans into `weight` laid out (out, in, ...) reading `tensor` on axis 1.
+        Returns the new weight and the bias change (out,) from the plans' offsets."""
+        old, new = self.layout(tensor), self.new_layout(tensor)
+        rest = weight.shape[2:]
+        out = np.zeros((weight.shape[0], new.size, *rest), dtype=np.float64)
+        delta = np.zeros(weight.shape[0], dtype=np.float64)
+        w64 = weight.astype(np.float64, copy=False)
+        for k, seg in enumerate(old.segments):
+            old_idx, new_idx = old.feature_index(k), new.feature_index(k)
+            block = w64[:, old_idx]  # (out, C, q, *rest)
+            plan = self.plans.get(seg.group) if seg.group is not None else None
+            if plan is not None:
+                mix, offset = plan.mix[tensor]
+                delta += np.tensordot(block, offset, axes=([1], [0])).reshape(len(delta), -1).sum(1)
+                block = np.einsum("oc...,ck->ok...", block, mix)
+            out[:, new_idx.ravel()] = block.reshape(weight.shape[0], -1, *rest)
+        return out.astype(weight.dtype), delta
+
+
+def apply(model: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan) -> onnx.ModelProto:
+    """Return a new model with `plans` applied; `model` is left as it was."""
+    rw = RewriteContext(graph, groups, plans)
+    if not rw.plans:
+        return model
+    for node in graph.nodes:
+        if any(rw.touched(t) for t in [*node.input, *node.output]):
+            handler_for(node).rewrite(node, rw)
+    return _materialize(model, rw)
+
+
+def _materialize(model: onnx.ModelProto, rw: RewriteContext) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    for init in g.initializer:
+        if init.name in rw.staged:
+            init.CopyFrom(numpy_helper.from_array(rw.staged.pop(init.name), init.name))
+    for name, value in rw.staged.items():
+        g.initializer.append(numpy_helper.from_array(value, name))
+    nodes = []
+    for node in g.node:
+        for (node_name, index), name in rw.new_inputs.items():
+            if node_name == node.name:
+                while len(node.input) <= index:
+                    node.input.append("")
+                node.input[index] = name
+        for (node_name, attr_name), value in rw.attrs.items():
+            if node_name == node.name:
+                _set_attr(node, attr_name, value)
+        nodes.append(node)
+        if node.name in rw.bias_after:
+            nodes.append(_bias_node(node, rw.bias_after[node.name], g))
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    out = infer_shapes(out)
+    try:
+        onnx.checker.check_model(out, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise SlimError(f"internal: rewrite produced an invalid model: {exc}") from None
+    return out
+
+
+def _set_attr(node: onnx.NodeProto, name: str, value: object) -> None:
+    for a in list(node.attribute):
+        if a.name == name:
+            node.attribute.remove(a)
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def _bias_node(node: onnx.NodeProto, bias: np.ndarray, g: onnx.GraphProto) -> onnx.NodeProto:
+    """MatMul has no bias input: route its output through a new Add carrying the offset."""
+    original = node.output[0]
+    node.output[0] = f"{original}__slim_premerge"
+    name = f"{node.name}__slim_bias"
+    g.initializer.append(numpy_helper.from_array(bias, name))
+    return onnx.helper.make_node("Add", [node.output[0], name], [original], name=f"{name}_add")
