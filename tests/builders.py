@@ -161,7 +161,8 @@ class Net:
             b[ch] = bias
 
     # output ---------------------------------------------------------------------------
-    def build(self, outputs: Sequence[str] | str, opset: int = 17) -> onnx.ModelProto:
+    def build(self, outputs: Sequence[str] | str, opset: int = 17,
+              domains: Sequence[str] = ()) -> onnx.ModelProto:
         outputs = [outputs] if isinstance(outputs, str) else list(outputs)
         inits = [numpy_helper.from_array(v, k) for k, v in self.weights.items()]
         graph = helper.make_graph(
@@ -169,7 +170,8 @@ class Net:
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(self.shapes["x"]))],
             [helper.make_tensor_value_info(o, TensorProto.FLOAT, list(self.shapes[o]))
              for o in outputs], inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in domains]
+        model = helper.make_model(graph, opset_imports=opsets)
         model.ir_version = 10
         onnx.checker.check_model(model, full_check=True)
         return model

@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -184,9 +184,23 @@ def _finish(bld: Builder, x: str, cin: int) -> onnx.ModelProto:
 
 
 def _rss_kib() -> int:
+    """Peak RSS in KiB (Linux). Note: execve keeps the parent's peak, so the parent must stay
+    small (it never builds the model itself); `_status_kib` cross-checks."""
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _status_kib(key: str) -> int:
+    """VmRSS / VmHWM of this process's own address space, from /proc (0 where absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def child(src: str, dst: str, profile: str | None) -> None:
@@ -195,7 +209,7 @@ def child(src: str, dst: str, profile: str | None) -> None:
 
     from onnxslim_fr import slim
 
-    baseline = _rss_kib()
+    baseline, baseline_now = _rss_kib(), _status_kib("VmRSS")
     start = time.perf_counter()
     if profile:
         import cProfile
@@ -210,6 +224,7 @@ def child(src: str, dst: str, profile: str | None) -> None:
     removed = sum(g["size"] - g["kept"] for g in rep.groups)
     print(json.dumps({
         "wall_s": wall, "baseline_kib": baseline, "peak_kib": _rss_kib(),
+        "baseline_vmrss_kib": baseline_now, "peak_vmhwm_kib": _status_kib("VmHWM"),
         "params": [rep.before.params, rep.after.params],
         "macs": [rep.before.flops, rep.after.flops],
         "channels": [rep.before.channels, rep.after.channels],
@@ -220,16 +235,27 @@ def child(src: str, dst: str, profile: str | None) -> None:
 # --------------------------------------------------------------------------- parent side
 
 
-def measure(src: Path, dst: Path, profile: Path | None) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(src), str(dst)]
-    if profile:
-        cmd += ["--profile-out", str(profile)]
+def build_child(div: int, seed: int, dst: str) -> None:
+    """Runs in its own interpreter so the parent's peak RSS (inherited by the measured child
+    across execve) stays small."""
+    model, plant = build_resnet50(div, seed)
+    onnx.save(model, dst)
+    print(json.dumps(asdict(plant)))
+
+
+def _run_self(*args: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=False)
     if proc.returncode:
-        sys.exit(f"child failed ({proc.returncode}):\n{proc.stderr}")
+        sys.exit(f"child {args[0]} failed ({proc.returncode}):\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(src: Path, dst: Path, profile: Path | None) -> dict:
+    extra = ["--profile-out", str(profile)] if profile else []
+    return _run_self("--child", str(src), str(dst), *extra)
 
 
 def _mib(kib: float) -> str:
@@ -249,6 +275,7 @@ def render(runs: list[dict], plant: Plant, file_bytes: int, div: int) -> str:
     wall = statistics.median(x["wall_s"] for x in runs)
     delta = statistics.median(x["peak_kib"] - x["baseline_kib"] for x in runs)
     peak = statistics.median(x["peak_kib"] for x in runs)
+    hwm = statistics.median(x["peak_vmhwm_kib"] - x["baseline_vmrss_kib"] for x in runs)
     ratio = delta * 1024 / file_bytes
     exp_params = r["params"][0] - plant.params_saved
     exp_macs = r["macs"][0] - plant.macs_saved
@@ -281,7 +308,8 @@ def render(runs: list[dict], plant: Plant, file_bytes: int, div: int) -> str:
              "yes" if ratio <= TARGET_MEMORY_RATIO else "NO"),
         _row("  as multiple of model size", f"{ratio:.2f}x", f"<= {TARGET_MEMORY_RATIO:g}x", ""),
         _row("peak RSS absolute", _mib(peak), "", ""),
-        _row("baseline RSS after imports", _mib(runs[-1]["baseline_kib"]), "", ""),
+        _row("baseline RSS after imports", _mib(r["baseline_kib"]), "", ""),
+        _row("cross-check /proc VmHWM - VmRSS", _mib(hwm), "", ""),
     ]
     return "\n".join(lines)
 
@@ -305,20 +333,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=25, help="rows of the profile to print")
     p.add_argument("--child", nargs=2, metavar=("SRC", "DST"), help=argparse.SUPPRESS)
     p.add_argument("--profile-out", help=argparse.SUPPRESS)
+    p.add_argument("--build", nargs=3, metavar=("DIV", "SEED", "DST"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.build:
+        build_child(int(args.build[0]), int(args.build[1]), args.build[2])
+        return
     if args.child:
         child(*args.child, args.profile_out)
         return
     div = 4 if args.small else 1
-    model, plant = build_resnet50(div, args.seed)
     with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
         src, dst = Path(tmp, "resnet50.onnx"), Path(tmp, "resnet50.slim.onnx")
-        onnx.save(model, src)
-        del model
+        plant = Plant(**_run_self("--build", str(div), str(args.seed), str(src)))
         file_bytes = src.stat().st_size
         runs = [measure(src, dst, None) for _ in range(args.runs)]
         print(render(runs, plant, file_bytes, div))

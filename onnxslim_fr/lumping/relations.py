@@ -154,7 +154,7 @@ def _through(node: onnx.NodeProto, graph: Graph, groups: GroupSet,
 def _concat(node: onnx.NodeProto, graph: Graph, groups: GroupSet,
             inputs: list[Relation | None], ids: _Ids) -> Relation:
     parts = []
-    for name, r in zip(node.input, inputs, strict=True):
+    for r in inputs:
         if r is None:
             n = groups.layouts[node.output[0]].segments[len(parts)].length
             r = Relation(ids.fresh(n), np.ones(n), np.zeros(n))
@@ -172,7 +172,8 @@ def _activation(r: Relation, t: Activation, ids: _Ids) -> Relation:
     const = r.cls == CONST
     sign = np.sign(r.lam)
     mag = np.where(const, 1.0, np.abs(r.lam))
-    params = [] if t.params is None else list(np.broadcast_to(t.params, (len(r), t.params.shape[1])).T)
+    params = [] if t.params is None else \
+        list(np.broadcast_to(t.params, (len(r), t.params.shape[1])).T)
     if t.kind == "homogeneous":
         keys, lam = [r.cls, sign, r.mu / mag], np.abs(r.lam)
     elif t.kind == "odd":

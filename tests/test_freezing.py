@@ -1,0 +1,56 @@
+"""What is not understood freezes its group, with a reason; everything else still slims."""
+
+from __future__ import annotations
+
+import onnx
+from builders import Net, cnn_input
+from conftest import removed, slim_exact
+
+from onnxslim_fr import analyze
+
+
+def _reasons(model: onnx.ModelProto) -> list[str]:
+    _, rows = analyze(model)
+    return [r["frozen"] for r in rows if r["frozen"]]
+
+
+def test_custom_domain_op_freezes_only_its_group():
+    b = Net(cnn_input())
+    c1 = b.conv(b.x, 6)
+    c2 = b.conv(b.relu(c1), 5)
+    custom = b.op("Gelu", [c2], b.shapes[c2], domain="com.microsoft")
+    y = b.conv(b.relu(custom), 3)
+    b.scale_filter(c1, src=0, dst=4, factor=2.0)
+    b.scale_filter(c2, src=0, dst=4, factor=1.0)
+    model = b.build(y, domains=["com.microsoft"])
+    assert any("com.microsoft::Gelu" in r for r in _reasons(model))
+    assert removed(slim_exact(model)) == 1  # c1's group; c2's duplicate stays frozen
+
+
+def test_channels_reaching_a_graph_output_are_frozen():
+    b = Net(cnn_input())
+    c1 = b.conv(b.x, 6)
+    b.scale_filter(c1, src=0, dst=4, factor=2.0)
+    model = b.build([b.conv(b.relu(c1), 3), c1])
+    assert any("reaches graph output" in r for r in _reasons(model))
+    assert removed(slim_exact(model)) == 0
+
+
+def test_shared_initializer_freezes_both_users():
+    b = Net((None, 8))
+    h1 = b.gemm(b.x, 8)
+    h2 = b.gemm(b.relu(h1), 8)
+    second = next(n for n in b.nodes if n.output[0] == h2)
+    first = next(n for n in b.nodes if n.output[0] == h1)
+    second.input[1] = first.input[1]
+    b.scale_filter(h1, src=0, dst=4, factor=1.0)
+    model = b.build(b.gemm(b.relu(h2), 3))
+    assert any("shared with node" in r for r in _reasons(model))
+    slim_exact(model)
+
+
+def test_unsupported_op_on_channels_freezes_with_its_name():
+    b = Net((None, 8))
+    h = b.gemm(b.x, 6)
+    y = b.gemm(b.act(h, "Softmax", axis=1), 3)
+    assert any("unsupported op Softmax" in r for r in _reasons(b.build(y)))
