@@ -154,9 +154,10 @@ def _through(node: onnx.NodeProto, graph: Graph, groups: GroupSet,
 def _concat(node: onnx.NodeProto, graph: Graph, groups: GroupSet,
             inputs: list[Relation | None], ids: _Ids) -> Relation:
     parts = []
-    for r in inputs:
+    axis = groups.layouts[node.output[0]].axis
+    for name, r in zip(node.input, inputs, strict=True):
         if r is None:
-            n = groups.layouts[node.output[0]].segments[len(parts)].length
+            n = int(graph.shape(name)[axis])
             r = Relation(ids.fresh(n), np.ones(n), np.zeros(n))
         parts.append(r)
     return Relation(*(np.concatenate([getattr(p, f) for p in parts]) for f in
