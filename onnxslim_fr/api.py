@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import onnx
 
-from . import model_io, report, rewrite, validate
+from . import calibrate, model_io, report, rewrite, validate
 from .channels import GroupSet, Role, build_groups
-from .errors import ValidationError
+from .errors import BadDataError, ValidationError
 from .graph import Graph, normalize
-from .lumping import exact
+from .lumping import exact, redundancy
 from .testing import random_feeds
 
 log = logging.getLogger(__name__)
@@ -31,77 +31,169 @@ class SlimResult:
 def analyze(model: ModelSource) -> tuple[GroupSet, list[dict]]:
     """Channel groups of `model` and a row per group (size, producers, freeze reason)."""
     work = normalize(model_io.load(model))
-    graph = Graph(work)
-    groups = build_groups(graph)
-    return groups, _group_rows(groups, None)
+    groups = build_groups(Graph(work))
+    return groups, _group_rows(groups, None, {})
 
 
 def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
+         data: calibrate.DataSource | None = None,
+         holdout: calibrate.DataSource | None = None,
+         ratio: float | None = None, target: str = "flops",
+         max_error: float | None = None, max_accuracy_drop: float | None = None,
+         method: str = "lfrns", threshold: float = 0.05, compensate: bool = True,
+         batch_size: int = 64, max_samples: int | None = None,
          input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-         tolerance: float = 1e-4, max_rounds: int = 6, latency_runs: int = 10,
-         seed: int = 0) -> SlimResult:
-    """Exact lumping: a smaller model with the same function, validated in onnxruntime.
+         tolerance: float = 1e-4, latency_runs: int = 10, seed: int = 0) -> SlimResult:
+    """Exact lumping, then (with `data`) functional-redundancy merging within a budget.
 
-    Raises ValidationError (nothing written) when the relative output error on seeded random
-    inputs exceeds `tolerance`.
+    `ratio` removes that fraction of the model's FLOPs (`target="params"`: parameters);
+    `max_error` / `max_accuracy_drop` take the largest reduction that stays within them on
+    `holdout` (or `data`). The exact part is validated on random inputs: over `tolerance`
+    raises ValidationError and nothing is written.
     """
     original = model_io.load(model)
-    work = normalize(model_io.load(original))
-    first: GroupSet | None = None
-    rounds, removed = 0, 0
-    for rounds in range(1, max_rounds + 1):
-        graph = Graph(work)
-        groups = build_groups(graph)
-        first = first or groups
-        plans = exact.plan(graph, groups)
-        log.info("round %d: %d groups, %d channels removable", rounds, len(groups.groups),
-                 sum(p.removed for p in plans.values()))
-        if not plans:
-            break
-        removed += sum(p.removed for p in plans.values())
-        work = rewrite.apply(work, graph, groups, plans)
-    if not removed:
-        work = original  # nothing to gain: hand back the model exactly as it came
-    batches = [random_feeds(original, shapes=input_shapes, seed=seed + i) for i in range(3)]
-    cmp = validate.compare(original, work, batches)
-    if cmp.max_rel_error > tolerance:
+    work, first, rounds, methods = _exact(normalize(model_io.load(original)))
+    randoms = [random_feeds(original, shapes=input_shapes, seed=seed + i) for i in range(3)]
+    exact_cmp = validate.compare(original, work, randoms)
+    if exact_cmp.max_rel_error > tolerance:
         raise ValidationError(f"slimmed model differs from the original: relative error "
-                              f"{cmp.max_rel_error:.3g} > {tolerance:g}; nothing written")
+                              f"{exact_cmp.max_rel_error:.3g} > {tolerance:g}; nothing written")
+    notes: list[str] = []
+    check_set, labels = randoms, None
+    if data is not None:
+        calib = calibrate.load_data(data, original, batch_size=batch_size,
+                                    max_samples=max_samples)
+        held = calibrate.load_data(holdout, original, batch_size=batch_size) \
+            if holdout is not None else calib
+        check_set, labels = held.batches, held.labels
+        options = dict(method=method, target=target, threshold=threshold,
+                       compensate=compensate)
+        work = _redundant(original, work, calib, held, ratio, max_error, max_accuracy_drop,
+                          options, notes, methods)
+    elif ratio is not None or max_error is not None or max_accuracy_drop is not None:
+        raise BadDataError("--ratio / --max-error need calibration data (--data)")
+    elif not any(m == "exact" for m in methods.values()):
+        work = original  # nothing to gain: hand back the model exactly as it came
+    cmp = validate.compare(original, work, check_set, labels)
     rep = report.Report(
-        before=report.figures(original, batches[0], latency_runs=latency_runs),
-        after=report.figures(work, batches[0], latency_runs=latency_runs),
+        before=report.figures(original, randoms[0], latency_runs=latency_runs),
+        after=report.figures(work, randoms[0], latency_runs=latency_runs),
         max_abs_error=cmp.max_abs_error, max_rel_error=cmp.max_rel_error,
-        groups=_group_rows(first, Graph(work)), rounds=rounds,
-        top1_agreement=cmp.top1_agreement)
+        groups=_group_rows(first, Graph(work), methods), rounds=rounds,
+        top1_agreement=cmp.top1_agreement, accuracy_before=cmp.accuracy_before,
+        accuracy_after=cmp.accuracy_after, exact_max_rel_error=exact_cmp.max_rel_error,
+        notes=notes)
     if output is not None:
         model_io.save_atomic(work, output)
     return SlimResult(work, rep, first)
 
 
-def _group_rows(groups: GroupSet, final: Graph | None) -> list[dict]:
-    """Groups are named by their producers, whose node names survive every rewrite."""
+def _exact(work: onnx.ModelProto, max_rounds: int = 6
+           ) -> tuple[onnx.ModelProto, GroupSet, int, dict[str, str]]:
+    """Exact lumping rounds until nothing more goes (one removal can expose the next)."""
+    first: GroupSet | None = None
+    methods: dict[str, str] = {}
+    rounds = 0
+    for rounds in range(1, max_rounds + 1):
+        graph = Graph(work)
+        groups = build_groups(graph)
+        first = first or groups
+        plans = exact.plan(graph, groups)
+        log.info("exact round %d: %d channels removable", rounds,
+                 sum(p.removed for p in plans.values()))
+        if not plans:
+            break
+        _record(groups, plans, methods)
+        work = rewrite.apply(work, graph, groups, plans)
+    return work, first, rounds, methods
+
+
+def _redundant(original: onnx.ModelProto, work: onnx.ModelProto, calib: calibrate.Dataset,
+               held: calibrate.Dataset, ratio: float | None, max_error: float | None,
+               max_drop: float | None, options: dict, notes: list[str],
+               methods: dict[str, str]) -> onnx.ModelProto:
+    graph = Graph(work)
+    groups = build_groups(graph)
+    stats = calibrate.collect(work, groups, calib)
+    base, now = report.flops(original), report.flops(work)
+
+    def slimmed(fraction: float) -> onnx.ModelProto:
+        plans = redundancy.plan(graph, groups, stats, fraction=fraction, **options)
+        _record(groups, plans, methods)
+        return rewrite.apply(work, graph, groups, plans)
+
+    if ratio is not None:
+        if not 0 <= ratio < 1:
+            raise BadDataError(f"--ratio must be in [0, 1), got {ratio}")
+        if options["target"] == "params":
+            base, now = report.params(original), report.params(work)
+        fraction = (1 - ratio) * base / max(now, 1)
+        if fraction >= 1:
+            notes.append("exact lumping alone met the budget")
+            return work
+        result = slimmed(fraction)
+        reached = report.params(result) if options["target"] == "params" else \
+            report.flops(result)
+        if reached > (1 - ratio) * base * 1.02:
+            notes.append(f"budget not met: reached {reached / base:.3f} of the original "
+                         f"{options['target']} (frozen groups limit the reduction)")
+        return result
+    return _search(original, held, slimmed, max_error, max_drop, notes) or work
+
+
+def _search(original: onnx.ModelProto, held: calibrate.Dataset, slimmed, max_error: float | None,
+            max_drop: float | None, notes: list[str]) -> onnx.ModelProto | None:
+    """Bisection on the kept cost fraction for the largest reduction within the bound."""
+    if max_drop is not None and held.labels is None:
+        raise BadDataError("--max-accuracy-drop needs labels in the hold-out data")
+
+    def within(model: onnx.ModelProto) -> bool:
+        cmp = validate.compare(original, model, held.batches, held.labels)
+        if max_drop is not None:
+            return cmp.accuracy_before - cmp.accuracy_after <= max_drop
+        return cmp.max_rel_error <= max_error
+
+    lo, hi, best = 0.02, 1.0, None
+    for _ in range(8):
+        mid = (lo + hi) / 2
+        candidate = slimmed(mid)
+        if within(candidate):
+            best, hi = candidate, mid
+        else:
+            lo = mid
+    if best is None:
+        notes.append("no reduction stays within the error bound")
+    return best
+
+
+def _record(groups: GroupSet, plans: dict, methods: dict[str, str]) -> None:
+    """Remember the method per group by its first producer (names survive rewrites)."""
+    for gid, p in plans.items():
+        for m in groups.groups[gid].members:
+            if m.role is Role.PRODUCER:
+                methods[m.node] = p.method
+
+
+def _group_rows(groups: GroupSet, final: Graph | None, methods: dict[str, str]) -> list[dict]:
     rows = []
     for g in groups.groups.values():
         producers = [m.node for m in g.members if m.role is Role.PRODUCER]
-        kept = g.size
-        if final is not None and producers:
-            kept = _out_channels(final, producers[0], g.size)
+        kept = _out_channels(final, producers[0], g.size) if final and producers else g.size
+        method = "frozen" if g.frozen else next((methods[p] for p in producers
+                                                 if p in methods), "-")
         rows.append({"id": g.id, "size": g.size, "kept": kept, "producers": producers,
-                     "frozen": g.frozen, "method": "frozen" if g.frozen else
-                     ("exact" if kept < g.size else "-")})
+                     "frozen": g.frozen, "method": method if kept < g.size or g.frozen else "-"})
     return rows
 
 
 def _out_channels(graph: Graph, node_name: str, default: int) -> int:
-    for node in graph.nodes:
-        if node.name == node_name:
-            w = graph.const(node.input[1])
-            if node.op_type == "Conv":
-                return int(w.shape[0])
-            if node.op_type == "Gemm":
-                trans = any(a.name == "transB" and a.i for a in node.attribute)
-                return int(w.shape[0] if trans else w.shape[1])
-            return int(w.shape[1])
-    return default
-
-
+    node = next((n for n in graph.nodes if n.name == node_name), None)
+    if node is None:
+        return default
+    w = graph.const(node.input[1])
+    if node.op_type == "Conv":
+        return int(w.shape[0])
+    if node.op_type == "Gemm":
+        trans = any(a.name == "transB" and a.i for a in node.attribute)
+        return int(w.shape[0] if trans else w.shape[1])
+    return int(w.shape[1])

@@ -36,6 +36,7 @@ class Report:
     top1_agreement: float | None = None
     accuracy_before: float | None = None
     accuracy_after: float | None = None
+    exact_max_rel_error: float | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -50,7 +51,7 @@ class Report:
             "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
             "top1_agreement": self.top1_agreement,
             "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
-            "rounds": self.rounds, "groups": self.groups, "notes": self.notes,
+            "exact_max_rel_error": self.exact_max_rel_error, "rounds": self.rounds, "groups": self.groups, "notes": self.notes,
         }
         return out
 
@@ -118,6 +119,12 @@ def channels(model: onnx.ModelProto) -> int:
 def flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = None) -> int:
     """Multiply-accumulates of Conv/Gemm/MatMul for one forward pass of `feeds` (batch 1
     for dynamic dims without feeds)."""
+    return int(sum(macs for macs, _ in node_costs(model, feeds).values()))
+
+
+def node_costs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = None
+               ) -> dict[str, tuple[int, int]]:
+    """(MACs, weight parameters) of every Conv/Gemm/MatMul with known shapes, by node name."""
     static = onnx.ModelProto()
     static.CopyFrom(model)
     for vi in static.graph.input:
@@ -130,7 +137,7 @@ def flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = None)
                 d.dim_value = 1
     del static.graph.value_info[:]
     g = Graph(infer_shapes(static))
-    total = 0
+    costs = {}
     for node in g.nodes:
         if node.op_type not in LINEAR_OPS:
             continue
@@ -138,14 +145,15 @@ def flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = None)
         if out is None or w is None or None in out or None in w:
             continue
         if node.op_type == "Conv":
-            total += int(np.prod(out)) * int(np.prod(w[1:]))
+            macs = int(np.prod(out)) * int(np.prod(w[1:]))
         elif node.op_type == "Gemm":
             a = g.shape(node.input[0])
             k = a[0] if any(x.name == "transA" and x.i for x in node.attribute) else a[1]
-            total += int(np.prod(out)) * int(k)
+            macs = int(np.prod(out)) * int(k)
         else:
-            total += int(np.prod(out)) * int(g.shape(node.input[0])[-1])
-    return total
+            macs = int(np.prod(out)) * int(g.shape(node.input[0])[-1])
+        costs[node.name] = (macs, int(np.prod(w)))
+    return costs
 
 
 def latency_ms(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], runs: int) -> float:

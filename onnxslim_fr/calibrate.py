@@ -1,0 +1,190 @@
+"""Calibration data in, streaming channel statistics out.
+
+Data adapters accept an `.npz`/`.npy` path, a dict of stacked arrays (first axis =
+samples), an iterable of feed dicts, or an onnxruntime `CalibrationDataReader` (anything
+with `get_next()`). Statistics are float64 count, sums and Gram matrices per read point,
+updated batch by batch: memory is O(C^2) per read point, never O(samples).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from .channels.groups import GroupSet
+from .errors import BadDataError
+from .lumping.consumers import segment_of
+from .testing import input_specs, session
+
+DataSource = str | os.PathLike[str] | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]
+LABELS = "labels"
+
+
+@dataclass
+class Dataset:
+    """Checked batches of feeds, plus labels when the source had them."""
+
+    batches: list[dict[str, np.ndarray]]
+    labels: np.ndarray | None = None
+
+    @property
+    def samples(self) -> int:
+        return sum(len(next(iter(b.values()))) for b in self.batches)
+
+
+def load_data(source: DataSource, model: onnx.ModelProto, *, batch_size: int = 64,
+              max_samples: int | None = None) -> Dataset:
+    """Read and check calibration or hold-out data against the model's inputs."""
+    specs = input_specs(model)
+    if isinstance(source, str | os.PathLike):
+        source = _read_file(Path(source))
+    if isinstance(source, Mapping):
+        return _from_arrays(dict(source), specs, batch_size, max_samples)
+    if hasattr(source, "get_next"):
+        source = iter(source.get_next, None)
+    batches, labels, seen = [], [], 0
+    for feeds in source:
+        feeds = dict(feeds)
+        label = feeds.pop(LABELS, None)
+        batch = _checked(feeds, specs)
+        n = len(next(iter(batch.values())))
+        if max_samples is not None and seen + n > max_samples:
+            batch = {k: v[: max_samples - seen] for k, v in batch.items()}
+            label = None if label is None else label[: max_samples - seen]
+        batches.append(batch)
+        labels.append(label)
+        seen += len(next(iter(batch.values())))
+        if max_samples is not None and seen >= max_samples:
+            break
+    if not batches:
+        raise BadDataError("calibration data is empty")
+    have = [lab for lab in labels if lab is not None]
+    return Dataset(batches, np.concatenate(have) if len(have) == len(labels) else None)
+
+
+def _read_file(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise BadDataError(f"data file not found: {path}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise BadDataError(f"cannot read {path} as .npz/.npy: {exc}") from None
+    if isinstance(loaded, np.ndarray):
+        return {"": loaded}
+    return {k: loaded[k] for k in loaded.files}
+
+
+def _from_arrays(arrays: dict[str, np.ndarray], specs: dict, batch_size: int,
+                 max_samples: int | None) -> Dataset:
+    labels = arrays.pop(LABELS, None)
+    if len(specs) == 1 and len(arrays) == 1:
+        arrays = {next(iter(specs)): next(iter(arrays.values()))}
+    full = _checked(arrays, specs)
+    n = len(next(iter(full.values())))
+    if labels is not None and len(labels) != n:
+        raise BadDataError(f"labels has {len(labels)} entries for {n} samples")
+    n = min(n, max_samples) if max_samples else n
+    batches = [{k: v[i:i + batch_size] for k, v in full.items()} for i in range(0, n, batch_size)]
+    return Dataset(batches, None if labels is None else np.asarray(labels)[:n])
+
+
+def _checked(feeds: dict[str, np.ndarray], specs: dict) -> dict[str, np.ndarray]:
+    missing = sorted(set(specs) - set(feeds))
+    extra = sorted(set(feeds) - set(specs))
+    if missing or extra:
+        raise BadDataError(f"data inputs {sorted(feeds)} do not match the model's "
+                           f"{sorted(specs)}" + (f" (missing {missing})" if missing else ""))
+    out = {}
+    for name, (dims, dtype) in specs.items():
+        value = np.asarray(feeds[name])
+        if np.issubdtype(dtype, np.floating) != np.issubdtype(value.dtype, np.floating) or \
+                value.dtype.kind not in "fiub":
+            raise BadDataError(f"input {name} has dtype {value.dtype}, model expects "
+                               f"{np.dtype(dtype)}")
+        if value.ndim != len(dims) or any(d is not None and d != s
+                                          for d, s in zip(dims[1:], value.shape[1:], strict=True)):
+            want = "x".join("?" if d is None else str(d) for d in dims)
+            raise BadDataError(f"input {name} has shape {'x'.join(map(str, value.shape))}, "
+                               f"model expects {want}")
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            raise BadDataError(f"input {name} contains NaN or Inf")
+        out[name] = value.astype(dtype, copy=False)
+    return out
+
+
+@dataclass
+class PointStats:
+    """Running moments of one group's channels at one read point (positions = samples)."""
+
+    count: int
+    total: np.ndarray
+    gram: np.ndarray
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+    @property
+    def cov(self) -> np.ndarray:
+        m = self.mean
+        return self.gram / max(self.count, 1) - np.outer(m, m)
+
+
+@dataclass
+class ChannelStats:
+    points: dict[tuple[str, int], PointStats] = field(default_factory=dict)
+    samples: int = 0
+
+
+def collect(model: onnx.ModelProto, groups: GroupSet, data: Dataset) -> ChannelStats:
+    """One onnxruntime session with the read points added as outputs; stream the batches."""
+    wanted = [(t, g.id) for g in groups.active() for t in g.read_points
+              if segment_of(groups, t, g.id) is not None]
+    tensors = sorted({t for t, _ in wanted})
+    sess = session(_with_outputs(model, tensors))
+    stats = ChannelStats()
+    bar = tqdm(data.batches, desc="calibrating", unit="batch", disable=not sys.stderr.isatty(),
+               leave=False)
+    for batch in bar:
+        values = dict(zip(tensors, sess.run(tensors, batch), strict=True))
+        for tensor, gid in wanted:
+            rows = _channel_rows(values[tensor], groups, tensor, gid)
+            point = stats.points.get((tensor, gid))
+            if point is None:
+                c = rows.shape[1]
+                point = stats.points[(tensor, gid)] = PointStats(0, np.zeros(c), np.zeros((c, c)))
+            point.count += len(rows)
+            point.total += rows.sum(axis=0)
+            point.gram += rows.T @ rows
+        stats.samples += len(next(iter(batch.values())))
+    return stats
+
+
+def _channel_rows(value: np.ndarray, groups: GroupSet, tensor: str, gid: int) -> np.ndarray:
+    """(samples*positions, C) float64 view of one group's channels in an activation."""
+    lay = groups.layouts[tensor]
+    k, _ = segment_of(groups, tensor, gid)
+    idx = lay.feature_index(k)  # (C, q)
+    moved = np.moveaxis(value, lay.axis, -1)
+    block = moved[..., idx]  # (..., C, q)
+    return np.moveaxis(block, -1, -2).reshape(-1, idx.shape[0]).astype(np.float64)
+
+
+def _with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = {o.name for o in out.graph.output}
+    for name in tensors:
+        if name not in have:
+            out.graph.output.append(onnx.helper.make_tensor_value_info(
+                name, onnx.TensorProto.FLOAT, None))
+    return out
+
+

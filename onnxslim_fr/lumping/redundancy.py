@@ -1,0 +1,170 @@
+"""Functional redundancy with calibration data (MISSION.md method 2, LFRNS post-training).
+
+Per group and read point: channel covariance Σ and mean μ (calibration), and the
+consumers' fan-out energy Q = B Bᵀ (B: everything channel c feeds). Keeping a set S and
+replacing the rest R by their least-squares reconstruction ``M = Σ_RS Σ_SS⁻¹`` leaves the
+consumers' output error ``tr(Q_RR Σ_RR|S)``, Σ_RR|S the conditional covariance.
+
+- lfrns: agglomerative clustering on ``1 - |corr|`` (`threshold`) marks functionally
+  redundant channels; cluster representatives are ranked first by contribution (the error
+  each one removes when added), the redundant members after them (feature contribution
+  ranking restores the useful ones when the budget allows).
+- greedy: forward selection by contribution, no clustering.
+- magnitude: L1 norm of the producer filters, uniform per layer, no compensation.
+
+Every order gives an error curve error(k); the budget allocates k per group globally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.cluster import AgglomerativeClustering
+
+from ..calibrate import ChannelStats
+from ..channels.groups import ChannelGroup, GroupSet, Role
+from ..channels.handlers import handler_for
+from ..graph import Graph
+from .budget import CostModel, allocate, uniform
+from .consumers import consumers
+from .plan import GroupPlan, Plan, removal_plan
+
+METHODS = ("lfrns", "greedy", "magnitude")
+
+
+@dataclass
+class GroupModel:
+    """What planning needs of one group: per read point (Q, Σ, μ)."""
+
+    group: ChannelGroup
+    points: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+    def error_scale(self) -> float:
+        """Output energy of the consumers, so errors compare across layers."""
+        return sum(float(np.trace(q @ (s + np.outer(m, m)))) for q, s, m in
+                   self.points.values()) or 1.0
+
+
+def group_models(graph: Graph, groups: GroupSet, stats: ChannelStats) -> list[GroupModel]:
+    models = []
+    for g in groups.active():
+        points = {}
+        for name in g.read_points:
+            st = stats.points.get((name, g.id))
+            views = consumers(graph, groups, name, g.id)
+            if st is None or not views:
+                break
+            q = sum(v.column_matrix() @ v.column_matrix().T for v in views)
+            points[name] = (q, st.cov, st.mean)
+        else:
+            if points and g.size > 1:
+                models.append(GroupModel(g, points))
+    return models
+
+
+def forward_order(gm: GroupModel, candidates: list[np.ndarray]) -> tuple[list[int], np.ndarray]:
+    """Greedy forward selection over candidate tiers; returns the order and error(k)."""
+    n = gm.group.size
+    sig = {p: s.copy() for p, (_, s, _) in gm.points.items()}
+    qsig = {p: q @ sig[p] for p, (q, _, _) in gm.points.items()}
+    err = sum(float(np.trace(qs)) for qs in qsig.values())
+    curve = np.zeros(n + 1)
+    curve[0] = err
+    order: list[int] = []
+    for tier in candidates:
+        left = [int(c) for c in tier]
+        while left:
+            gains = np.zeros(len(left))
+            for p in sig:
+                s, qs = sig[p], qsig[p]
+                num = np.einsum("ij,ij->j", s[:, left], qs[:, left])
+                gains += num / np.maximum(s[left, left], 1e-12)
+            best = int(np.argmax(gains))
+            j = left.pop(best)
+            for p, (q, _, _) in gm.points.items():
+                s = sig[p]
+                u = s[:, j].copy()
+                d = max(s[j, j], 1e-12)
+                s -= np.outer(u, u) / d
+                qsig[p] -= np.outer(q @ u, u) / d
+            err = max(err - float(gains[best]), 0.0)
+            order.append(j)
+            curve[len(order)] = err
+    return order, curve
+
+
+def lfrns_tiers(gm: GroupModel, threshold: float) -> list[np.ndarray]:
+    """Cluster representatives first, functionally redundant members second."""
+    cov = sum(s for _, s, _ in gm.points.values())
+    std = np.sqrt(np.maximum(np.diag(cov), 1e-20))
+    corr = np.clip(cov / np.outer(std, std), -1, 1)
+    dist = 1.0 - np.abs(corr)
+    np.fill_diagonal(dist, 0.0)
+    labels = AgglomerativeClustering(n_clusters=None, metric="precomputed", linkage="average",
+                                     distance_threshold=threshold).fit_predict(dist)
+    energy = sum(np.diag(q) * np.diag(s) for q, s, _ in gm.points.values())
+    reps = []
+    for lab in np.unique(labels):
+        members = np.flatnonzero(labels == lab)
+        reps.append(members[np.argmax(energy[members])])
+    rest = np.setdiff1d(np.arange(gm.group.size), reps)
+    return [np.asarray(reps), rest]
+
+
+def merge_rows(gm: GroupModel, keep: np.ndarray, compensate: bool
+               ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Least-squares reconstruction of removed channels from kept ones, per read point."""
+    removed = np.setdiff1d(np.arange(gm.group.size), keep)
+    rows = {}
+    for p, (_, s, m) in gm.points.items():
+        if not compensate:
+            rows[p] = (np.zeros((len(removed), len(keep))), np.zeros(len(removed)))
+            continue
+        sss = s[np.ix_(keep, keep)]
+        ridge = 1e-6 * max(float(np.trace(sss)) / max(len(keep), 1), 1e-12)
+        mix = np.linalg.solve(sss + ridge * np.eye(len(keep)), s[np.ix_(keep, removed)]).T
+        rows[p] = (mix, m[removed] - mix @ m[keep])
+    return rows
+
+
+def l1_order(graph: Graph, groups: GroupSet, g: ChannelGroup) -> list[int]:
+    norms = np.zeros(g.size)
+    for m in g.members:
+        if m.role is Role.PRODUCER:
+            node = next(n for n in graph.nodes if n.name == m.node)
+            w = handler_for(node).weight(node, graph)
+            norms += np.abs(w.reshape(w.shape[0], -1)).sum(axis=1)
+    return [int(i) for i in np.argsort(-norms, kind="stable")]
+
+
+def plan(graph: Graph, groups: GroupSet, stats: ChannelStats, *, fraction: float,
+         method: str = "lfrns", target: str = "flops", threshold: float = 0.05,
+         compensate: bool = True) -> Plan:
+    """Plans that bring the model's cost to `fraction` of its current cost (0 < f <= 1)."""
+    models = {gm.group.id: gm for gm in group_models(graph, groups, stats)}
+    cost = CostModel(graph, groups, target)
+    budget = fraction * cost.total()
+    if method == "magnitude":
+        kept = uniform(cost, list(models), budget)
+        orders = {g: l1_order(graph, groups, models[g].group) for g in models}
+        compensate = False
+    else:
+        orders, curves = {}, {}
+        for g, gm in models.items():
+            tiers = lfrns_tiers(gm, threshold) if method == "lfrns" else [np.arange(gm.group.size)]
+            orders[g], curve = forward_order(gm, tiers)
+            curves[g] = curve / gm.error_scale()
+        kept = allocate(curves, cost, budget)
+    plans: Plan = {}
+    for g, k in kept.items():
+        gm = models[g]
+        if k >= gm.group.size:
+            continue
+        keep = np.sort(np.asarray(orders[g][:k]))
+        rows = merge_rows(gm, keep, compensate)
+        plans[g] = removal_plan(gm.group.size, keep, gm.group.read_points, rows, method)
+    return plans
+
+
+__all__ = ["METHODS", "GroupPlan", "plan"]
