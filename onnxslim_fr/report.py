@@ -51,7 +51,8 @@ class Report:
             "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
             "top1_agreement": self.top1_agreement,
             "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
-            "exact_max_rel_error": self.exact_max_rel_error, "rounds": self.rounds, "groups": self.groups, "notes": self.notes,
+            "exact_max_rel_error": self.exact_max_rel_error, "rounds": self.rounds,
+            "groups": self.groups, "notes": self.notes,
         }
         return out
 
