@@ -116,9 +116,11 @@ def _redundant(original: onnx.ModelProto, work: onnx.ModelProto, calib: calibrat
     groups = build_groups(graph)
     stats = calibrate.collect(work, groups, calib)
     base, now = report.flops(original), report.flops(work)
+    probe = validate.output_error_probe(work, graph, groups, calib.batches[:2])
 
     def slimmed(fraction: float) -> onnx.ModelProto:
-        plans = redundancy.plan(graph, groups, stats, fraction=fraction, **options)
+        plans = redundancy.plan(graph, groups, stats, fraction=fraction, probe=probe,
+                                **options)
         _record(groups, plans, methods)
         return rewrite.apply(work, graph, groups, plans)
 

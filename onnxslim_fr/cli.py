@@ -12,6 +12,7 @@ from pathlib import Path
 from . import __version__
 from .api import analyze, slim
 from .errors import SlimError
+from .lumping.redundancy import METHODS
 from .report import render_groups
 
 
@@ -35,6 +36,25 @@ def parser() -> argparse.ArgumentParser:
                    metavar="NAME:DxDxD", help="shape for validation inputs (repeatable)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest relative output error accepted (default 1e-4)")
+    data = p.add_argument_group("calibration (functional redundancy)")
+    data.add_argument("--data", metavar="FILE", help="calibration inputs (.npz keyed by input "
+                      "name, or .npy); enables merging of functionally redundant channels")
+    data.add_argument("--holdout", metavar="FILE", help="validation inputs, same formats; an "
+                      "optional 'labels' array enables accuracy")
+    budget = data.add_mutually_exclusive_group()
+    budget.add_argument("--ratio", type=float, help="fraction of FLOPs (or --target) to remove")
+    budget.add_argument("--max-error", type=float,
+                        help="largest held-out relative output error accepted")
+    budget.add_argument("--max-accuracy-drop", type=float,
+                        help="largest held-out accuracy drop accepted (needs labels)")
+    data.add_argument("--target", choices=("flops", "params"), default="flops")
+    data.add_argument("--method", choices=METHODS, default="lfrns")
+    data.add_argument("--threshold", type=float, default=0.05,
+                      help="lfrns: clustering distance on 1-|corr| (default 0.05)")
+    data.add_argument("--no-compensate", action="store_true",
+                      help="drop channels without least-squares merge (ablation)")
+    data.add_argument("--batch-size", type=int, default=64)
+    data.add_argument("--max-samples", type=int)
     p.add_argument("--inspect", action="store_true",
                    help="print channel groups and freeze reasons; write nothing")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress; tracebacks")
@@ -65,7 +85,12 @@ def _run(args: argparse.Namespace) -> int:
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise SlimError("output must differ from input: the input file is never modified")
     result = slim(args.input, args.output, input_shapes=dict(args.input_shape),
-                  tolerance=args.tolerance)
+                  tolerance=args.tolerance, data=args.data, holdout=args.holdout,
+                  ratio=args.ratio, max_error=args.max_error,
+                  max_accuracy_drop=args.max_accuracy_drop, target=args.target,
+                  method=args.method, threshold=args.threshold,
+                  compensate=not args.no_compensate, batch_size=args.batch_size,
+                  max_samples=args.max_samples)
     print(result.report.render())
     if args.report:
         Path(args.report).write_text(json.dumps(result.report.to_json(), indent=2))

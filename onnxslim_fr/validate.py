@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from .errors import SlimError
-from .testing import run
+from .testing import run, session
 
 
 @dataclass
@@ -55,3 +55,22 @@ def compare(original: onnx.ModelProto, slimmed: onnx.ModelProto,
             result.accuracy_before = float((pa == labels).mean())
             result.accuracy_after = float((pb == labels).mean())
     return result
+
+
+def output_error_probe(model: onnx.ModelProto, graph, groups, batches: Sequence[Mapping]):
+    """A function plans -> relative squared output error of `model` slimmed by them."""
+    from .rewrite import apply
+
+    reference = [run(model, feeds) for feeds in batches]
+    energy = sum(float(np.sum(np.square(o, dtype=np.float64))) for outs in reference
+                 for o in outs) or 1.0
+
+    def probe(plans) -> float:
+        sess = session(apply(model, graph, groups, plans))
+        err = 0.0
+        for feeds, ref in zip(batches, reference, strict=True):
+            for a, b in zip(ref, sess.run(None, dict(feeds)), strict=True):
+                err += float(np.sum(np.square(a.astype(np.float64) - b)))
+        return err / energy
+
+    return probe

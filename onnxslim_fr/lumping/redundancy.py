@@ -17,6 +17,7 @@ Every order gives an error curve error(k); the budget allocates k per group glob
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,10 +139,27 @@ def l1_order(graph: Graph, groups: GroupSet, g: ChannelGroup) -> list[int]:
     return [int(i) for i in np.argsort(-norms, kind="stable")]
 
 
+Probe = Callable[[Plan], float]
+
+
+def _sensitivity(gm: GroupModel, order: list[int], curve: np.ndarray, probe: Probe,
+                 method: str) -> float:
+    """Measured output error over predicted error, at half the group's channels."""
+    k = max(1, gm.group.size // 2)
+    keep = np.sort(np.asarray(order[:k]))
+    trial = removal_plan(gm.group.size, keep, gm.group.read_points,
+                         merge_rows(gm, keep, True), method)
+    return max(probe({gm.group.id: trial}), 1e-12) / max(float(curve[k]), 1e-12)
+
+
 def plan(graph: Graph, groups: GroupSet, stats: ChannelStats, *, fraction: float,
          method: str = "lfrns", target: str = "flops", threshold: float = 0.05,
-         compensate: bool = True) -> Plan:
-    """Plans that bring the model's cost to `fraction` of its current cost (0 < f <= 1)."""
+         compensate: bool = True, probe: Probe | None = None) -> Plan:
+    """Plans that bring the model's cost to `fraction` of its current cost (0 < f <= 1).
+
+    `probe(plans)` measures the real output error of a trial plan; when given, each group's
+    predicted error curve is rescaled by one measurement at half its channels, so layers
+    whose errors grow on the way to the output are spared (sensitivity calibration)."""
     models = {gm.group.id: gm for gm in group_models(graph, groups, stats)}
     cost = CostModel(graph, groups, target)
     budget = fraction * cost.total()
@@ -155,6 +173,8 @@ def plan(graph: Graph, groups: GroupSet, stats: ChannelStats, *, fraction: float
             tiers = lfrns_tiers(gm, threshold) if method == "lfrns" else [np.arange(gm.group.size)]
             orders[g], curve = forward_order(gm, tiers)
             curves[g] = curve / gm.error_scale()
+            if probe is not None:
+                curves[g] *= _sensitivity(gm, orders[g], curves[g], probe, method)
         kept = allocate(curves, cost, budget)
     plans: Plan = {}
     for g, k in kept.items():

@@ -1,0 +1,114 @@
+"""Functional redundancy with calibration data: budgets, merging, data checks, memory."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from builders import Net, cnn_input
+
+from onnxslim_fr import calibrate, slim
+from onnxslim_fr.channels import build_groups
+from onnxslim_fr.cli import main
+from onnxslim_fr.graph import Graph, normalize
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+CNN, MLP = MODELS / "digits_cnn.onnx", MODELS / "digits_mlp.onnx"
+IMG = {"data": MODELS / "digits_img_calib.npz", "holdout": MODELS / "digits_img_test.npz"}
+FLAT = {"data": MODELS / "digits_flat_calib.npz", "holdout": MODELS / "digits_flat_test.npz"}
+
+
+def _slim(path, data, **kw):
+    return slim(path, latency_runs=0, **data, **kw).report
+
+
+def test_half_the_flops_of_the_cnn_keeps_accuracy_and_beats_magnitude():
+    lfrns = _slim(CNN, IMG, ratio=0.5)
+    magnitude = _slim(CNN, IMG, ratio=0.5, method="magnitude")
+    assert lfrns.after.flops <= 0.52 * lfrns.before.flops
+    assert lfrns.accuracy_after >= lfrns.accuracy_before - 0.02
+    assert lfrns.accuracy_after > magnitude.accuracy_after + 0.2
+
+
+def test_least_squares_merge_beats_dropping_the_same_channels():
+    merged = _slim(MLP, FLAT, ratio=0.6, method="greedy")
+    dropped = _slim(MLP, FLAT, ratio=0.6, method="greedy", compensate=False)
+    assert merged.max_rel_error < dropped.max_rel_error
+
+
+def test_params_target_and_max_error_bound():
+    rep = _slim(MLP, FLAT, ratio=0.5, target="params")
+    assert rep.after.params <= 0.52 * rep.before.params
+    bounded = _slim(MLP, FLAT, max_error=0.05)
+    assert bounded.max_rel_error <= 0.05 and bounded.after.flops < bounded.before.flops
+
+
+def test_exact_part_stays_exact_when_calibration_data_is_given():
+    b = Net(cnn_input(c=1))
+    c1 = b.conv(b.x, 8)
+    y = b.gemm(b.flatten(b.relu(c1)), 4)
+    b.scale_filter(c1, src=1, dst=6, factor=2.0)
+    model = b.build(y)
+    data = {"x": np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)}
+    rep = slim(model, data=data, ratio=0.01, latency_runs=0).report
+    assert rep.exact_max_rel_error <= 1e-5
+    assert any(g["kept"] <= 7 for g in rep.groups)
+
+
+def test_data_readers_and_feed_iterables_are_accepted():
+    stacked = dict(np.load(IMG["data"]))
+    feeds = [{"input": stacked["input"][i:i + 32]} for i in range(0, 128, 32)]
+
+    class Reader:
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    a = slim(CNN, data=feeds, ratio=0.3, latency_runs=0).report
+    b = slim(CNN, data=Reader(), ratio=0.3, latency_runs=0).report
+    assert a.after.flops == b.after.flops < a.before.flops
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"wrong_name": np.zeros((4, 1, 8, 8), np.float32), "other": np.zeros(4)}, "do not match"),
+    ({"input": np.zeros((4, 1, 7, 8), np.float32)}, "shape"),
+    ({"input": np.zeros((4, 1, 8, 8), np.int64)}, "dtype"),
+    ({"input": np.full((4, 1, 8, 8), np.nan, np.float32)}, "NaN"),
+])
+def test_bad_calibration_data_exits_2_with_one_line(tmp_path, capsys, bad, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **bad)
+    out = tmp_path / "out.onnx"
+    assert main([str(CNN), str(out), "--data", str(path), "--ratio", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not out.exists()
+
+
+def test_ratio_without_data_is_refused(tmp_path, capsys):
+    assert main([str(CNN), str(tmp_path / "o.onnx"), "--ratio", "0.5"]) == 2
+
+
+def test_statistics_memory_does_not_grow_with_samples():
+    model = normalize(onnx.load(CNN))
+    groups = build_groups(Graph(model))
+    base = np.load(IMG["data"])["input"][:64]
+
+    def peak(repeats: int) -> tuple[int, int]:
+        data = calibrate.load_data({"input": np.concatenate([base] * repeats)}, model,
+                                   batch_size=32)
+        tracemalloc.start()
+        stats = calibrate.collect(model, groups, data)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert stats.samples == 64 * repeats
+        return top, sum(p.gram.nbytes + p.total.nbytes for p in stats.points.values())
+
+    (peak1, size1), (peak8, size8) = peak(1), peak(8)
+    assert size8 == size1
+    assert peak8 <= peak1 * 1.1 + 64 * 1024

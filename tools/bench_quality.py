@@ -1,0 +1,284 @@
+"""Accuracy of slimmed models vs. kept FLOPs: onnxslim_fr's methods against onnxsim 0.8.
+
+For every classifier ``models/digits_*.onnx`` and kept-FLOPs targets 0.75 / 0.5 / 0.35
+(``slim(ratio=1 - kept)``), prints test-split accuracy of the original model, of
+``lfrns``, ``greedy`` and ``magnitude`` (each with the kept FLOPs fraction it reached), and
+of onnxsim 0.8.1 (structured Wanda pruning + ``apply_pruning_finetune``, see
+``tools/onnxsim_baseline.py``). onnxsim's knob is a per-layer channel fraction, not a
+FLOPs budget, so its ``amount`` is swept over a grid and the setting whose kept FLOPs
+fraction is nearest each target is reported. FLOPs are ``onnxslim_fr.report.flops``
+(Conv/Gemm/MatMul MACs, batch 1) for every method.
+
+Also prints, per model, the wall time of ``slim(..., method="lfrns", ratio=0.5)`` divided by
+one onnxruntime forward pass of the original model over the calibration set (batch 64),
+against the target ratio of 3, and writes ``tools/bench_quality.png``.
+
+Run (from the repository root)::
+
+    pip install -e ".[bench]" && python tools/bench_quality.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # also works from a checkout that is not pip-installed
+
+from onnxsim_baseline import onnxsim_prune  # noqa: E402
+
+from onnxslim_fr import slim  # noqa: E402
+from onnxslim_fr.report import flops  # noqa: E402
+
+MODELS = REPO / "models"
+PLOT = REPO / "tools" / "bench_quality.png"
+KEPT_TARGETS = (0.75, 0.5, 0.35)
+METHODS = ("lfrns", "greedy", "magnitude")
+ONNXSIM_AMOUNTS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
+ONNXSIM_FLOOR = 0.9  # onnxsim "cannot reach" the target if it never gets below this
+BATCH = 64
+TIMING_RATIO = 0.5
+TIMING_PASSES = 5
+TIMING_SLIM_CALLS = 3
+TIMING_TARGET = 3.0
+
+
+@dataclass
+class Point:
+    """One slimmed model: kept FLOPs fraction and test accuracy, or why it failed."""
+
+    kept: float = float("nan")
+    accuracy: float = float("nan")
+    error: str | None = None
+    setting: float | None = None  # onnxsim amount
+
+    def cell(self) -> str:
+        if self.error is not None:
+            return "ERR"
+        return f"{self.accuracy:.3f}@{self.kept:.2f}"
+
+
+@dataclass
+class ModelBench:
+    """All results for one model file."""
+
+    name: str
+    original_accuracy: float
+    points: dict[tuple[str, float], Point] = field(default_factory=dict)
+    onnxsim_sweep: list[Point] = field(default_factory=list)
+    timing: tuple[float, float] | None = None  # (slim seconds, forward-pass seconds)
+
+
+def data_paths(model_path: Path) -> tuple[Path, Path]:
+    """(calibration, test) .npz for a model: flat data for MLPs, images for CNNs."""
+    kind = "flat" if "mlp" in model_path.stem else "img"
+    return MODELS / f"digits_{kind}_calib.npz", MODELS / f"digits_{kind}_test.npz"
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def make_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def forward(sess: ort.InferenceSession, inputs: np.ndarray) -> np.ndarray:
+    """Logits over all samples, batch by batch."""
+    name = sess.get_inputs()[0].name
+    outs = [sess.run(None, {name: inputs[s:s + BATCH]})[0] for s in range(0, len(inputs), BATCH)]
+    return np.concatenate(outs)
+
+
+def accuracy(model: onnx.ModelProto, test: dict[str, np.ndarray]) -> float:
+    logits = forward(make_session(model), test["input"])
+    return float(np.mean(logits.argmax(axis=1) == test["labels"]))
+
+
+def run_slim(path: Path, method: str, kept: float, base_flops: int,
+             test: dict[str, np.ndarray]) -> Point:
+    calib_path, test_path = data_paths(path)
+    try:
+        res = slim(str(path), data=str(calib_path), holdout=str(test_path), ratio=1 - kept,
+                   method=method, latency_runs=0)
+    except Exception as exc:  # report, do not hide: the table shows ERR, the text below
+        return Point(error=f"{type(exc).__name__}: {exc}")
+    return Point(kept=flops(res.model) / base_flops, accuracy=accuracy(res.model, test))
+
+
+def onnxsim_sweep(model: onnx.ModelProto, calib: dict[str, np.ndarray], base_flops: int,
+                  test: dict[str, np.ndarray]) -> list[Point]:
+    points = []
+    for amount in ONNXSIM_AMOUNTS:
+        try:
+            pruned = onnxsim_prune(model, {"input": calib["input"]}, amount)
+            points.append(Point(kept=flops(pruned) / base_flops,
+                                accuracy=accuracy(pruned, test), setting=amount))
+        except Exception as exc:
+            points.append(Point(error=f"{type(exc).__name__}: {exc}", setting=amount))
+    return points
+
+
+def nearest(sweep: list[Point], kept: float) -> Point | None:
+    ok = [p for p in sweep if p.error is None]
+    return min(ok, key=lambda p: (abs(p.kept - kept), p.kept)) if ok else None
+
+
+def onnxsim_cell(sweep: list[Point], kept: float) -> str:
+    best = nearest(sweep, kept)
+    if best is None:
+        return "ERR (all amounts)"
+    floor = min(p.kept for p in sweep if p.error is None)
+    if floor > ONNXSIM_FLOOR:
+        return f"n/a (min kept {floor:.2f})"
+    return f"{best.cell()} (a={best.setting:.2f})"
+
+
+def forward_seconds(model: onnx.ModelProto, calib: dict[str, np.ndarray]) -> float:
+    """Median of TIMING_PASSES forward passes over the calibration set (after one warm-up)."""
+    sess = make_session(model)
+    forward(sess, calib["input"])
+    times = []
+    for _ in range(TIMING_PASSES):
+        start = time.perf_counter()
+        forward(sess, calib["input"])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def slim_seconds(path: Path) -> float:
+    """Median wall time of the whole slim() call (lfrns, ratio 0.5, no latency runs)."""
+    calib_path, test_path = data_paths(path)
+    times = []
+    for _ in range(TIMING_SLIM_CALLS):
+        start = time.perf_counter()
+        slim(str(path), data=str(calib_path), holdout=str(test_path), ratio=TIMING_RATIO,
+             method="lfrns", latency_runs=0)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_model(path: Path) -> ModelBench:
+    model = onnx.load(str(path))
+    calib_path, test_path = data_paths(path)
+    calib, test = load_npz(calib_path), load_npz(test_path)
+    base = flops(model)
+    bench = ModelBench(path.stem, accuracy(model, test))
+    for kept in KEPT_TARGETS:
+        for method in METHODS:
+            bench.points[method, kept] = run_slim(path, method, kept, base, test)
+    bench.onnxsim_sweep = onnxsim_sweep(model, calib, base, test)
+    return bench
+
+
+def add_timing(bench: ModelBench, path: Path) -> None:
+    model = onnx.load(str(path))
+    calib = load_npz(data_paths(path)[0])
+    bench.timing = (slim_seconds(path), forward_seconds(model, calib))
+
+
+def render_table(benches: list[ModelBench]) -> str:
+    header = ["model", "kept", "original", *METHODS, "onnxsim 0.8 (nearest)"]
+    rows = [header]
+    for b in benches:
+        for kept in KEPT_TARGETS:
+            rows.append([b.name, f"{kept:.2f}", f"{b.original_accuracy:.3f}",
+                         *(b.points[m, kept].cell() for m in METHODS),
+                         onnxsim_cell(b.onnxsim_sweep, kept)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def render_errors(benches: list[ModelBench]) -> str:
+    lines = []
+    for b in benches:
+        for (method, kept), p in b.points.items():
+            if p.error:
+                lines.append(f"  {b.name} {method} kept={kept:.2f}: {p.error}")
+        for p in b.onnxsim_sweep:
+            if p.error:
+                lines.append(f"  {b.name} onnxsim amount={p.setting:.2f}: {p.error}")
+    return "\n".join(["errors:", *lines]) if lines else "errors: none"
+
+
+def render_timing(benches: list[ModelBench]) -> str:
+    lines = [f"slim wall time (lfrns, ratio {TIMING_RATIO}, median of {TIMING_SLIM_CALLS}) / "
+             f"one onnxruntime pass over the calibration set (batch {BATCH}, median of "
+             f"{TIMING_PASSES}); target <= {TIMING_TARGET:g}"]
+    width = max(len(b.name) for b in benches)
+    for b in benches:
+        assert b.timing is not None
+        slim_s, pass_s = b.timing
+        ratio = slim_s / pass_s
+        verdict = "met" if ratio <= TIMING_TARGET else "NOT met"
+        lines.append(f"  {b.name:<{width}}  slim {slim_s * 1e3:8.1f} ms  pass "
+                     f"{pass_s * 1e3:6.2f} ms  ratio {ratio:8.1f}  {verdict}")
+    return "\n".join(lines)
+
+
+def plot(benches: list[ModelBench], out: Path) -> None:
+    cols = 3
+    rows = -(-len(benches) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False,
+                             sharey=True)
+    for ax, b in zip(axes.flat, benches, strict=False):
+        for method in METHODS:
+            pts = [p for k in KEPT_TARGETS if (p := b.points[method, k]).error is None]
+            ax.plot([1.0] + [p.kept for p in pts], [b.original_accuracy] +
+                    [p.accuracy for p in pts], marker="o", label=method)
+        sweep = sorted((p for p in b.onnxsim_sweep if p.error is None), key=lambda p: p.kept)
+        ax.plot([1.0] + [p.kept for p in sweep], [b.original_accuracy] +
+                [p.accuracy for p in sweep], marker=".", linestyle="--", label="onnxsim 0.8")
+        ax.axhline(b.original_accuracy, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_title(b.name)
+        ax.set_xlim(1.02, 0.0)
+        ax.set_ylim(0.0, 1.02)
+        ax.set_xlabel("kept FLOPs fraction")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(benches):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    paths = sorted(MODELS.glob("digits_*.onnx"))
+    start = time.perf_counter()
+    benches = [bench_model(p) for p in paths]
+    for b, p in zip(benches, paths, strict=True):
+        add_timing(b, p)
+    print("test accuracy @ kept FLOPs fraction reached (a = onnxsim amount)")
+    print(render_table(benches))
+    print()
+    print(render_errors(benches))
+    print()
+    print(render_timing(benches))
+    plot(benches, PLOT)
+    print()
+    print(f"plot: {PLOT.relative_to(REPO)}   total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
