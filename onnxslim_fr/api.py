@@ -74,7 +74,7 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
         raise BadDataError("--ratio / --max-error need calibration data (--data)")
     elif not any(m == "exact" for m in methods.values()):
         work = original  # nothing to gain: hand back the model exactly as it came
-    cmp = validate.compare(original, work, check_set, labels)
+    cmp = exact_cmp if data is None else validate.compare(original, work, check_set, labels)
     rep = report.Report(
         before=report.figures(original, randoms[0], latency_runs=latency_runs),
         after=report.figures(work, randoms[0], latency_runs=latency_runs),

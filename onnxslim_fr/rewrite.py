@@ -87,7 +87,7 @@ class RewriteContext:
             if plan is not None:
                 mix, offset = plan.mix[tensor]
                 delta += np.tensordot(block, offset, axes=([1], [0])).reshape(len(delta), -1).sum(1)
-                block = np.einsum("oc...,ck->ok...", block, mix)
+                block = np.moveaxis(np.tensordot(block, mix, axes=([1], [0])), -1, 1)
             out[:, new_idx.ravel()] = block.reshape(weight.shape[0], -1, *rest)
         return out.astype(weight.dtype), delta
 

@@ -32,7 +32,7 @@ import onnx
 import onnxruntime as ort
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # also works from a checkout that is not pip-installed
@@ -53,6 +53,11 @@ TIMING_RATIO = 0.5
 TIMING_PASSES = 5
 TIMING_SLIM_CALLS = 3
 TIMING_TARGET = 3.0
+STYLES = {  # lfrns and greedy often coincide: a wide line under a narrow one keeps both visible
+    "lfrns": {"marker": "o", "markersize": 9, "linewidth": 4, "alpha": 0.5},
+    "greedy": {"marker": "s", "markersize": 4, "linewidth": 1.5},
+    "magnitude": {"marker": "^", "markersize": 5, "linewidth": 1.5},
+}
 
 
 @dataclass
@@ -244,8 +249,8 @@ def plot(benches: list[ModelBench], out: Path) -> None:
         for method in METHODS:
             pts = [p for k in KEPT_TARGETS if (p := b.points[method, k]).error is None]
             ax.plot([1.0] + [p.kept for p in pts], [b.original_accuracy] +
-                    [p.accuracy for p in pts], marker="o", label=method)
-        sweep = sorted((p for p in b.onnxsim_sweep if p.error is None), key=lambda p: p.kept)
+                    [p.accuracy for p in pts], label=method, **STYLES[method])
+        sweep = sorted((p for p in b.onnxsim_sweep if p.error is None), key=lambda p: -p.kept)
         ax.plot([1.0] + [p.kept for p in sweep], [b.original_accuracy] +
                 [p.accuracy for p in sweep], marker=".", linestyle="--", label="onnxsim 0.8")
         ax.axhline(b.original_accuracy, color="grey", linewidth=0.8, linestyle=":")
