@@ -36,8 +36,9 @@ def compare(original: onnx.ModelProto, slimmed: onnx.ModelProto,
     check(slimmed)
     abs_err, scale, agree, n = 0.0, 0.0, 0, 0
     preds_a, preds_b = [], []
+    sess_a, sess_b = session(original), session(slimmed)
     for feeds in batches:
-        outs_a, outs_b = run(original, feeds), run(slimmed, feeds)
+        outs_a, outs_b = run(sess_a, feeds), run(sess_b, feeds)
         for a, b in zip(outs_a, outs_b, strict=True):
             a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
             abs_err = max(abs_err, float(np.max(np.abs(a64 - b64), initial=0.0)))
