@@ -11,6 +11,7 @@ import onnx
 
 from . import calibrate, model_io, report, rewrite, validate
 from .channels import GroupSet, Role, build_groups
+from .channels.handlers import handler_for
 from .errors import BadDataError, ValidationError
 from .graph import Graph, normalize
 from .lumping import exact, redundancy
@@ -190,12 +191,5 @@ def _group_rows(groups: GroupSet, final: Graph | None, methods: dict[str, str]) 
 
 def _out_channels(graph: Graph, node_name: str, default: int) -> int:
     node = next((n for n in graph.nodes if n.name == node_name), None)
-    if node is None:
-        return default
-    w = graph.const(node.input[1])
-    if node.op_type == "Conv":
-        return int(w.shape[0])
-    if node.op_type == "Gemm":
-        trans = any(a.name == "transB" and a.i for a in node.attribute)
-        return int(w.shape[0] if trans else w.shape[1])
-    return int(w.shape[1])
+    handler = handler_for(node) if node is not None else None
+    return int(handler.weight(node, graph).shape[0]) if handler is not None else default

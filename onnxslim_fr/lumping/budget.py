@@ -85,16 +85,11 @@ def allocate(curves: Mapping[int, np.ndarray], cost: CostModel, budget: float) -
             kept[g] = int(k[np.argmin(curve[1:] + price * unit[g] * k)])
         return kept
 
-    lo, hi = 0.0, 1.0
+    hi = 1.0
     while cost.total(choose(hi)) > budget and hi < 1e12:
         hi *= 4
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if cost.total(choose(mid)) > budget:
-            lo = mid
-        else:
-            hi = mid
-    return choose(hi)
+    # a higher price removes more: find the lowest price that fits
+    return choose(_boundary(0.0, hi, lambda p: cost.total(choose(p)) <= budget, 60))
 
 
 def _unit_cost(cost: CostModel, group: int) -> float:
@@ -108,11 +103,16 @@ def uniform(cost: CostModel, groups: list[int], budget: float) -> dict[int, int]
     def kept(frac: float) -> dict[int, int]:
         return {g: max(1, round(frac * cost.sizes[g])) for g in groups}
 
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if cost.total(kept(mid)) > budget:
-            hi = mid
+    # a higher fraction keeps more: find the highest fraction that fits
+    return kept(_boundary(1.0, 0.0, lambda f: cost.total(kept(f)) <= budget, 40))
+
+
+def _boundary(bad: float, good: float, fits, steps: int) -> float:
+    """Bisect between a value that does not fit and one that does; return the fitting end."""
+    for _ in range(steps):
+        mid = (bad + good) / 2
+        if fits(mid):
+            good = mid
         else:
-            lo = mid
-    return kept(lo)
+            bad = mid
+    return good
