@@ -31,6 +31,18 @@ class LinearHandler(OpHandler):
         """A constant input offset folds into the bias exactly (no zero padding)."""
         return True
 
+    def _fold_and_slice(self, node: onnx.NodeProto, w: np.ndarray, b: np.ndarray | None,
+                        rw, bias_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
+        """Fold the input plans into canonical `w` (out, in, ...), then keep output rows."""
+        if rw.touched(node.input[0]):
+            w, delta = rw.fold(w, node.input[0])
+            b = _add_bias(b, bias_scale * delta, w.dtype)
+        if rw.touched(node.output[0]):
+            keep = rw.keep_index(node.output[0])
+            w = w[keep]
+            b = b[keep] if b is not None else None
+        return w, b
+
     def starts_group(self, node: onnx.NodeProto, graph: Graph) -> bool:
         return self._weight_const(node, graph) is not None
 
@@ -111,13 +123,7 @@ class ConvHandler(LinearHandler):
                 rw.stage(node.input[2], b[keep])
             rw.set_attr(node, "group", len(keep))
             return
-        if rw.touched(node.input[0]):
-            w, delta = rw.fold(w, node.input[0])
-            b = _add_bias(b, delta, w.dtype)
-        if rw.touched(node.output[0]):
-            keep = rw.keep_index(node.output[0])
-            w = w[keep]
-            b = b[keep] if b is not None else None
+        w, b = self._fold_and_slice(node, w, b, rw)
         rw.stage(node.input[1], w)
         _write_bias(node, 2, b, rw)
 
@@ -159,13 +165,7 @@ class GemmHandler(LinearHandler):
         alpha = float(attr(node, "alpha", 1.0))
         w = self._raw(node, rw.array(node.input[1]))
         b = self.bias(node, rw.graph) if len(node.input) > 2 and node.input[2] else None
-        if rw.touched(node.input[0]):
-            w, delta = rw.fold(w, node.input[0])
-            b = _add_bias(b, alpha * delta, w.dtype)
-        if rw.touched(node.output[0]):
-            keep = rw.keep_index(node.output[0])
-            w = w[keep]
-            b = b[keep] if b is not None else None
+        w, b = self._fold_and_slice(node, w, b, rw, bias_scale=alpha)
         rw.stage(node.input[1], self._raw(node, w))
         if b is not None:
             rw.set_attr(node, "beta", 1.0)
@@ -195,17 +195,10 @@ class MatMulHandler(LinearHandler):
         return np.zeros(graph.const(node.input[1]).shape[1])
 
     def rewrite(self, node: onnx.NodeProto, rw) -> None:
-        w = rw.array(node.input[1]).T
-        delta = None
-        if rw.touched(node.input[0]):
-            w, delta = rw.fold(w, node.input[0])
-        if rw.touched(node.output[0]):
-            keep = rw.keep_index(node.output[0])
-            w = w[keep]
-            delta = delta[keep] if delta is not None else None
+        w, b = self._fold_and_slice(node, rw.array(node.input[1]).T, None, rw)
         rw.stage(node.input[1], np.ascontiguousarray(w.T))
-        if delta is not None and np.any(delta):
-            rw.bias_after[node.name] = delta.astype(w.dtype)
+        if b is not None:
+            rw.bias_after[node.name] = b
 
 
 def _add_bias(b: np.ndarray | None, delta: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
