@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from . import calibrate, model_io, report, rewrite, validate
+from . import calibrate, model_io, refit, report, rewrite, validate
 from .channels import GroupSet, Role, build_groups
 from .channels.handlers import handler_for
 from .errors import BadDataError, ValidationError
@@ -42,6 +42,7 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
          ratio: float | None = None, target: str = "flops",
          max_error: float | None = None, max_accuracy_drop: float | None = None,
          method: str = "lfrns", threshold: float = 0.05, compensate: bool = True,
+         sequential_refit: bool = True,
          batch_size: int = 64, max_samples: int | None = None,
          input_shapes: Mapping[str, tuple[int, ...]] | None = None,
          tolerance: float = 1e-4, latency_runs: int = 10, seed: int = 0) -> SlimResult:
@@ -68,7 +69,7 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
             if holdout is not None else calib
         check_set, labels = held.batches, held.labels
         options = dict(method=method, target=target, threshold=threshold,
-                       compensate=compensate)
+                       compensate=compensate, refit=sequential_refit)
         work = _redundant(original, work, calib, held, ratio, max_error, max_accuracy_drop,
                           options, notes, methods)
     elif ratio is not None or max_error is not None or max_accuracy_drop is not None:
@@ -119,10 +120,16 @@ def _redundant(original: onnx.ModelProto, work: onnx.ModelProto, calib: calibrat
     base, now = report.flops(original), report.flops(work)
     probe = validate.output_error_probe(work, graph, groups, calib.batches[:2])
 
+    sequential = options.pop("refit") and options["compensate"] and \
+        options["method"] != "magnitude"
+    refit_groups = sorted({gid for _, gid in stats.points})
+
     def slimmed(fraction: float) -> onnx.ModelProto:
         plans = redundancy.plan(graph, groups, stats, fraction=fraction, probe=probe,
                                 **options)
         _record(groups, plans, methods)
+        if sequential:
+            return refit.refit(work, graph, groups, plans, calib, refit_groups)[0]
         return rewrite.apply(work, graph, groups, plans)
 
     if ratio is not None:

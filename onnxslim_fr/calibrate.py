@@ -19,6 +19,7 @@ import onnx
 from tqdm import tqdm
 
 from .channels.groups import GroupSet
+from .channels.layout import Layout
 from .errors import BadDataError
 from .lumping.consumers import segment_of
 from .testing import input_specs, session
@@ -148,14 +149,15 @@ def collect(model: onnx.ModelProto, groups: GroupSet, data: Dataset) -> ChannelS
     wanted = [(t, g.id) for g in groups.active() for t in g.read_points
               if segment_of(groups, t, g.id) is not None]
     tensors = sorted({t for t, _ in wanted})
-    sess = session(_with_outputs(model, tensors))
+    sess = session(with_outputs(model, tensors))
     stats = ChannelStats()
     bar = tqdm(data.batches, desc="calibrating", unit="batch", disable=not sys.stderr.isatty(),
                leave=False)
     for batch in bar:
         values = dict(zip(tensors, sess.run(tensors, batch), strict=True))
         for tensor, gid in wanted:
-            rows = _channel_rows(values[tensor], groups, tensor, gid)
+            k, _ = segment_of(groups, tensor, gid)
+            rows = channel_rows(values[tensor], groups.layouts[tensor], k)
             point = stats.points.get((tensor, gid))
             if point is None:
                 c = rows.shape[1]
@@ -167,17 +169,15 @@ def collect(model: onnx.ModelProto, groups: GroupSet, data: Dataset) -> ChannelS
     return stats
 
 
-def _channel_rows(value: np.ndarray, groups: GroupSet, tensor: str, gid: int) -> np.ndarray:
-    """(samples*positions, C) float64 view of one group's channels in an activation."""
-    lay = groups.layouts[tensor]
-    k, _ = segment_of(groups, tensor, gid)
+def channel_rows(value: np.ndarray, lay: Layout, k: int) -> np.ndarray:
+    """(samples*positions, C) float64 view of segment k's channels in an activation."""
     idx = lay.feature_index(k)  # (C, q)
     moved = np.moveaxis(value, lay.axis, -1)
     block = moved[..., idx]  # (..., C, q)
     return np.moveaxis(block, -1, -2).reshape(-1, idx.shape[0]).astype(np.float64)
 
 
-def _with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     have = {o.name for o in out.graph.output}

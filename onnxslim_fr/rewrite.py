@@ -25,7 +25,7 @@ class RewriteContext:
     def __init__(self, graph: Graph, groups: GroupSet, plans: Plan) -> None:
         self.graph = graph
         self.groups = groups
-        self.plans = {g: p for g, p in plans.items() if p.removed}
+        self.plans = {g: p for g, p in plans.items() if p.changes}
         self.staged: dict[str, np.ndarray] = {}
         self.new_inputs: dict[tuple[str, int], str] = {}
         self.attrs: dict[tuple[str, str], object] = {}
@@ -92,18 +92,22 @@ class RewriteContext:
         return out.astype(weight.dtype), delta
 
 
-def apply(model: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan) -> onnx.ModelProto:
-    """Return a new model with `plans` applied; `model` is left as it was."""
+def apply(model: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan, *,
+          finalize: bool = True) -> onnx.ModelProto:
+    """Return a new model with `plans` applied; `model` is left as it was.
+
+    `finalize=False` skips shape inference and the checker: for intermediate models that
+    are only run to gather statistics, never returned to the user."""
     rw = RewriteContext(graph, groups, plans)
     if not rw.plans:
         return model
     for node in graph.nodes:
         if any(rw.touched(t) for t in [*node.input, *node.output]):
             handler_for(node).rewrite(node, rw)
-    return _materialize(model, rw)
+    return _materialize(model, rw, finalize)
 
 
-def _materialize(model: onnx.ModelProto, rw: RewriteContext) -> onnx.ModelProto:
+def _materialize(model: onnx.ModelProto, rw: RewriteContext, finalize: bool) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -128,6 +132,8 @@ def _materialize(model: onnx.ModelProto, rw: RewriteContext) -> onnx.ModelProto:
     del g.node[:]
     g.node.extend(nodes)
     del g.value_info[:]
+    if not finalize:
+        return out
     out = infer_shapes(out)
     try:
         onnx.checker.check_model(out, full_check=True)

@@ -1,0 +1,122 @@
+"""Sequential refit: re-solve every merge against the original model, input to output.
+
+A one-shot merge reconstructs removed channels from kept ones as they are in the
+*unslimmed* model. Once earlier layers are slimmed, the kept channels themselves drift,
+and errors compound with depth. The refit walks the read points in graph order; at each
+one it runs the original and the current slimmed model side by side over the calibration
+data and solves, by ridge least squares on centred paired statistics,
+
+    original channels  ≈  mix @ kept channels (slimmed model) + offset
+
+(every original channel, kept ones included), then folds that into the consumers. Each
+layer thus reconstructs the *original* input of its consumers from what actually reaches
+it, compensating the errors of all layers before it: He et al.'s and ThiNet's sequential
+reconstruction, post-training. Groups with nothing removed are refit too, so they absorb
+the drift from upstream. Statistics are O(C²) per read point, never O(samples).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+
+from . import rewrite
+from .calibrate import Dataset, channel_rows, with_outputs
+from .channels.groups import GroupSet
+from .graph import Graph
+from .lumping.consumers import segment_of
+from .lumping.plan import GroupPlan, Plan
+from .testing import session
+
+RIDGE = 1e-4  # relative to the mean variance of the regressors
+
+
+@dataclass
+class PairedStats:
+    """Running sums of (original channels o, slimmed kept channels s) at one read point."""
+
+    count: int
+    sum_o: np.ndarray
+    sum_s: np.ndarray
+    gram_ss: np.ndarray
+    cross_os: np.ndarray
+
+    @classmethod
+    def empty(cls, c: int, k: int) -> PairedStats:
+        return cls(0, np.zeros(c), np.zeros(k), np.zeros((k, k)), np.zeros((c, k)))
+
+    def add(self, o: np.ndarray, s: np.ndarray) -> None:
+        self.count += len(o)
+        self.sum_o += o.sum(axis=0)
+        self.sum_s += s.sum(axis=0)
+        self.gram_ss += s.T @ s
+        self.cross_os += o.T @ s
+
+    def solve(self, ridge: float = RIDGE) -> tuple[np.ndarray, np.ndarray]:
+        """Least-squares (mix, offset) with ``o ≈ mix @ s + offset``."""
+        n = max(self.count, 1)
+        mo, ms = self.sum_o / n, self.sum_s / n
+        cov_ss = self.gram_ss / n - np.outer(ms, ms)
+        cov_os = self.cross_os / n - np.outer(mo, ms)
+        lam = ridge * max(float(np.trace(cov_ss)) / max(len(ms), 1), 1e-12)
+        mix = np.linalg.solve(cov_ss + lam * np.eye(len(ms)), cov_os.T).T
+        return mix, mo - mix @ ms
+
+
+def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
+          data: Dataset, gids: list[int]) -> tuple[onnx.ModelProto, Plan]:
+    """Refit the read points of groups `gids` (planned or not) in graph order.
+
+    Returns the final slimmed model and the refit plans (same keep sets as `plans`)."""
+    plans = dict(plans)
+    for gid in gids:
+        if gid not in plans:
+            size = groups.groups[gid].size
+            plans[gid] = GroupPlan(size, np.arange(size), {
+                t: (np.eye(size), np.zeros(size)) for t in groups.groups[gid].read_points},
+                "refit")
+    stages = _stages(graph, groups, gids)
+    reference = session(with_outputs(work, sorted({t for t, _ in stages})))
+    current = rewrite.apply(work, graph, groups, plans, finalize=False)
+    for tensor, stage_gids in _by_tensor(stages):
+        sess = session(with_outputs(current, [tensor]))
+        lay = groups.layouts[tensor]
+        shrunk = lay.resized({g: len(p.keep) for g, p in plans.items()})
+        paired = {g: PairedStats.empty(plans[g].size, len(plans[g].keep)) for g in stage_gids}
+        for batch in data.batches:
+            ref = reference.run([tensor], batch)[0]
+            now = sess.run([tensor], batch)[0]
+            for g in stage_gids:
+                k, _ = segment_of(groups, tensor, g)
+                paired[g].add(channel_rows(ref, lay, k), channel_rows(now, shrunk, k))
+        for g in stage_gids:
+            mixes = dict(plans[g].mix)
+            mixes[tensor] = paired[g].solve()
+            plans[g] = replace(plans[g], mix=mixes)
+        current = rewrite.apply(work, graph, groups, plans, finalize=False)
+    return rewrite.apply(work, graph, groups, plans), plans
+
+
+def _stages(graph: Graph, groups: GroupSet, gids: list[int]) -> list[tuple[str, int]]:
+    """(read point, group) pairs in graph order of the node writing the read point."""
+    position = {id(n): i for i, n in enumerate(graph.nodes)}
+    pairs = [(t, g) for g in gids for t in groups.groups[g].read_points
+             if segment_of(groups, t, g) is not None]
+
+    def where(t: str) -> int:
+        node = graph.producer.get(t)
+        return -1 if node is None else position[id(node)]
+
+    return sorted(pairs, key=lambda p: (where(p[0]), p[0], p[1]))
+
+
+def _by_tensor(stages: list[tuple[str, int]]) -> list[tuple[str, list[int]]]:
+    out: list[tuple[str, list[int]]] = []
+    for tensor, g in stages:
+        if out and out[-1][0] == tensor:
+            out[-1][1].append(g)
+        else:
+            out.append((tensor, [g]))
+    return out
