@@ -21,6 +21,7 @@ from tqdm import tqdm
 from .channels.groups import GroupSet
 from .channels.layout import Layout
 from .errors import BadDataError
+from .graph import Graph
 from .lumping.consumers import segment_of
 from .testing import input_specs, session
 
@@ -178,6 +179,7 @@ def channel_rows(value: np.ndarray, lay: Layout, k: int) -> np.ndarray:
 
 
 def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs `tensors`."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     have = {o.name for o in out.graph.output}
@@ -188,3 +190,26 @@ def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     return out
 
 
+
+
+def prefix(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """Only the nodes that compute `tensors`, which become the outputs: a stage that reads
+    an early layer pays for the layers before it, not for the whole model."""
+    graph = Graph(model)
+    wanted, todo, seen = [], list(tensors), set()
+    while todo:
+        node = graph.producer.get(todo.pop())
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        wanted.append(node)
+        todo.extend(graph.inputs_of(node))
+    names = {t for n in wanted for t in graph.inputs_of(n)}
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    g = onnx.helper.make_graph(
+        sorted(wanted, key=lambda n: order[id(n)]), model.graph.name,
+        [i for i in model.graph.input if i.name not in graph.initializers],
+        [onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors],
+        [graph.initializers[n] for n in sorted(names) if n in graph.initializers])
+    return onnx.helper.make_model(g, opset_imports=model.opset_import,
+                                  ir_version=model.ir_version)

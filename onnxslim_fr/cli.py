@@ -53,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
                       help="lfrns: clustering distance on 1-|corr| (default 0.05)")
     data.add_argument("--no-compensate", action="store_true",
                       help="drop channels without least-squares merge (ablation)")
+    data.add_argument("--no-refit", action="store_true",
+                      help="one-shot merge: skip the sequential refit against the original "
+                      "activations (ablation; faster, less accurate)")
     data.add_argument("--batch-size", type=int, default=64)
     data.add_argument("--max-samples", type=int)
     p.add_argument("--inspect", action="store_true",
@@ -89,7 +92,8 @@ def _run(args: argparse.Namespace) -> int:
                   ratio=args.ratio, max_error=args.max_error,
                   max_accuracy_drop=args.max_accuracy_drop, target=args.target,
                   method=args.method, threshold=args.threshold,
-                  compensate=not args.no_compensate, batch_size=args.batch_size,
+                  compensate=not args.no_compensate, sequential_refit=not args.no_refit,
+                  batch_size=args.batch_size,
                   max_samples=args.max_samples)
     print(result.report.render())
     if args.report:

@@ -51,6 +51,10 @@ class Graph:
             return tuple(self.initializers[name].dims)
         return self._shapes.get(name)
 
+    def inputs_of(self, node: onnx.NodeProto) -> list[str]:
+        """Every tensor `node` reads, including outer names read by its subgraphs."""
+        return [n for n in _inputs_including_subgraphs(node) if n]
+
     def users(self, name: str) -> int:
         """How many node inputs read `name` (an initializer shared by two nodes counts 2)."""
         return len(self.consumers.get(name, ()))

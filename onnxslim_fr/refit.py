@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from . import rewrite
-from .calibrate import Dataset, channel_rows, with_outputs
+from .calibrate import Dataset, channel_rows, prefix
 from .channels.groups import GroupSet
 from .graph import Graph
 from .lumping.consumers import segment_of
@@ -31,6 +31,7 @@ from .lumping.plan import GroupPlan, Plan
 from .testing import session
 
 RIDGE = 1e-4  # relative to the mean variance of the regressors
+MAX_SAMPLES = 4096  # per stage; conv maps give every sample many rows
 
 
 @dataclass
@@ -66,9 +67,12 @@ class PairedStats:
 
 
 def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
-          data: Dataset, gids: list[int]) -> tuple[onnx.ModelProto, Plan]:
+          data: Dataset, gids: list[int], max_samples: int = MAX_SAMPLES
+          ) -> tuple[onnx.ModelProto, Plan]:
     """Refit the read points of groups `gids` (planned or not) in graph order.
 
+    Each stage runs only the layers up to its read point, on at most `max_samples`
+    calibration samples, so the refit costs a bounded number of forward passes.
     Returns the final slimmed model and the refit plans (same keep sets as `plans`)."""
     plans = dict(plans)
     for gid in gids:
@@ -77,17 +81,17 @@ def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
             plans[gid] = GroupPlan(size, np.arange(size), {
                 t: (np.eye(size), np.zeros(size)) for t in groups.groups[gid].read_points},
                 "refit")
-    stages = _stages(graph, groups, gids)
-    reference = session(with_outputs(work, sorted({t for t, _ in stages})))
+    batches = _capped(data.batches, max_samples)
     current = rewrite.apply(work, graph, groups, plans, finalize=False)
-    for tensor, stage_gids in _by_tensor(stages):
-        sess = session(with_outputs(current, [tensor]))
+    for tensor, stage_gids in _by_tensor(_stages(graph, groups, gids)):
+        reference = session(prefix(work, [tensor]))
+        sess = session(prefix(current, [tensor]))
         lay = groups.layouts[tensor]
         shrunk = lay.resized({g: len(p.keep) for g, p in plans.items()})
         paired = {g: PairedStats.empty(plans[g].size, len(plans[g].keep)) for g in stage_gids}
-        for batch in data.batches:
-            ref = reference.run([tensor], batch)[0]
-            now = sess.run([tensor], batch)[0]
+        for batch in batches:
+            ref = reference.run(None, batch)[0]
+            now = sess.run(None, batch)[0]
             for g in stage_gids:
                 k, _ = segment_of(groups, tensor, g)
                 paired[g].add(channel_rows(ref, lay, k), channel_rows(now, shrunk, k))
@@ -119,4 +123,15 @@ def _by_tensor(stages: list[tuple[str, int]]) -> list[tuple[str, list[int]]]:
             out[-1][1].append(g)
         else:
             out.append((tensor, [g]))
+    return out
+
+
+def _capped(batches: list[dict[str, np.ndarray]], limit: int) -> list[dict[str, np.ndarray]]:
+    out, seen = [], 0
+    for batch in batches:
+        if seen >= limit:
+            break
+        n = len(next(iter(batch.values())))
+        out.append({k: v[: limit - seen] for k, v in batch.items()})
+        seen += min(n, limit - seen)
     return out
