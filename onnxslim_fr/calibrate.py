@@ -164,18 +164,23 @@ def collect(model: onnx.ModelProto, groups: GroupSet, data: Dataset) -> ChannelS
                 c = rows.shape[1]
                 point = stats.points[(tensor, gid)] = PointStats(0, np.zeros(c), np.zeros((c, c)))
             point.count += len(rows)
-            point.total += rows.sum(axis=0)
+            point.total += rows.sum(axis=0, dtype=np.float64)
             point.gram += rows.T @ rows
         stats.samples += len(next(iter(batch.values())))
     return stats
 
 
 def channel_rows(value: np.ndarray, lay: Layout, k: int) -> np.ndarray:
-    """(samples*positions, C) float64 view of segment k's channels in an activation."""
+    """(samples*positions, C) view of segment k's channels in an activation, in the
+    activation's dtype: products are taken per batch in float32 (BLAS) and accumulated in
+    float64, which keeps the sums exact enough and the pass close to onnxruntime's cost."""
     idx = lay.feature_index(k)  # (C, q)
-    moved = np.moveaxis(value, lay.axis, -1)
-    block = moved[..., idx]  # (..., C, q)
-    return np.moveaxis(block, -1, -2).reshape(-1, idx.shape[0]).astype(np.float64)
+    c, q = idx.shape
+    if q == 1 and int(idx[-1, 0]) - int(idx[0, 0]) == c - 1:  # a contiguous run of channels
+        block = np.moveaxis(value, lay.axis, -1)[..., int(idx[0, 0]):int(idx[0, 0]) + c]
+        return block.reshape(-1, c)
+    block = np.moveaxis(value, lay.axis, -1)[..., idx]  # (..., C, q)
+    return np.moveaxis(block, -1, -2).reshape(-1, c)
 
 
 def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
@@ -192,13 +197,21 @@ def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
 
 
 
-def prefix(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """Only the nodes that compute `tensors`, which become the outputs: a stage that reads
-    an early layer pays for the layers before it, not for the whole model."""
+def cut(model: onnx.ModelProto, outputs: list[str], available: frozenset[str] | set[str]
+        = frozenset()) -> onnx.ModelProto:
+    """The sub-model computing `outputs` from the graph inputs and the `available` tensors,
+    which become its inputs when it reads them: a stage that reads one layer pays for the
+    layers since the last values it has, not for the whole model."""
     graph = Graph(model)
-    wanted, todo, seen = [], list(tensors), set()
+    declared = {i.name: i for i in model.graph.input if i.name not in graph.initializers}
+    wanted, todo, seen, frontier = [], list(outputs), set(), {}
     while todo:
-        node = graph.producer.get(todo.pop())
+        name = todo.pop()
+        if name in available or name in declared:
+            frontier[name] = declared.get(name) or onnx.helper.make_tensor_value_info(
+                name, onnx.TensorProto.FLOAT, None)
+            continue
+        node = graph.producer.get(name)
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
@@ -207,9 +220,8 @@ def prefix(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     names = {t for n in wanted for t in graph.inputs_of(n)}
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     g = onnx.helper.make_graph(
-        sorted(wanted, key=lambda n: order[id(n)]), model.graph.name,
-        [i for i in model.graph.input if i.name not in graph.initializers],
-        [onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors],
+        sorted(wanted, key=lambda n: order[id(n)]), model.graph.name, list(frontier.values()),
+        [onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in outputs],
         [graph.initializers[n] for n in sorted(names) if n in graph.initializers])
     return onnx.helper.make_model(g, opset_imports=model.opset_import,
                                   ir_version=model.ir_version)

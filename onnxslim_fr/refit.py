@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from . import rewrite
-from .calibrate import Dataset, channel_rows, prefix
+from .calibrate import Dataset, channel_rows, cut
 from .channels.groups import GroupSet
 from .graph import Graph
 from .lumping.consumers import segment_of
@@ -31,7 +31,7 @@ from .lumping.plan import GroupPlan, Plan
 from .testing import session
 
 RIDGE = 1e-4  # relative to the mean variance of the regressors
-MAX_SAMPLES = 4096  # per stage; conv maps give every sample many rows
+MAX_SAMPLES = 2048  # per stage; conv maps give every sample many rows
 
 
 @dataclass
@@ -50,8 +50,8 @@ class PairedStats:
 
     def add(self, o: np.ndarray, s: np.ndarray) -> None:
         self.count += len(o)
-        self.sum_o += o.sum(axis=0)
-        self.sum_s += s.sum(axis=0)
+        self.sum_o += o.sum(axis=0, dtype=np.float64)
+        self.sum_s += s.sum(axis=0, dtype=np.float64)
         self.gram_ss += s.T @ s
         self.cross_os += o.T @ s
 
@@ -71,8 +71,9 @@ def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
           ) -> tuple[onnx.ModelProto, Plan]:
     """Refit the read points of groups `gids` (planned or not) in graph order.
 
-    Each stage runs only the layers up to its read point, on at most `max_samples`
-    calibration samples, so the refit costs a bounded number of forward passes.
+    Each stage runs only the layers since the previous read points (their values are
+    kept while a later stage reads them), on at most `max_samples` calibration samples:
+    the whole refit costs about one forward pass of each model over those samples.
     Returns the final slimmed model and the refit plans (same keep sets as `plans`)."""
     plans = dict(plans)
     for gid in gids:
@@ -82,16 +83,17 @@ def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
                 t: (np.eye(size), np.zeros(size)) for t in groups.groups[gid].read_points},
                 "refit")
     batches = _capped(data.batches, max_samples)
+    stages = _by_tensor(_stages(graph, groups, gids))
+    reference = _StagedValues(batches, [t for t, _ in stages], graph)
+    slimmed = _StagedValues(batches, [t for t, _ in stages], graph)
     current = rewrite.apply(work, graph, groups, plans, finalize=False)
-    for tensor, stage_gids in _by_tensor(_stages(graph, groups, gids)):
-        reference = session(prefix(work, [tensor]))
-        sess = session(prefix(current, [tensor]))
+    for tensor, stage_gids in stages:
         lay = groups.layouts[tensor]
         shrunk = lay.resized({g: len(p.keep) for g, p in plans.items()})
         paired = {g: PairedStats.empty(plans[g].size, len(plans[g].keep)) for g in stage_gids}
-        for batch in batches:
-            ref = reference.run(None, batch)[0]
-            now = sess.run(None, batch)[0]
+        pairs = zip(reference.advance(work, tensor), slimmed.advance(current, tensor),
+                    strict=True)
+        for ref, now in pairs:
             for g in stage_gids:
                 k, _ = segment_of(groups, tensor, g)
                 paired[g].add(channel_rows(ref, lay, k), channel_rows(now, shrunk, k))
@@ -135,3 +137,35 @@ def _capped(batches: list[dict[str, np.ndarray]], limit: int) -> list[dict[str, 
         out.append({k: v[: limit - seen] for k, v in batch.items()})
         seen += min(n, limit - seen)
     return out
+
+
+class _StagedValues:
+    """One model's values at successive read points, each computed from the ones before.
+
+    Valid because a refit only edits consumers of the current read point, which are
+    downstream of every earlier one. A kept value is dropped after its last reader."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]], tensors: list[str],
+                 graph: Graph) -> None:
+        self.values = {name: [b[name] for b in batches] for name in batches[0]}
+        self.last_use: dict[str, int] = {}
+        available = set(self.values)
+        for stage, tensor in enumerate(tensors):
+            for read in cut(graph.model, [tensor], available).graph.input:
+                self.last_use[read.name] = stage
+            available.add(tensor)
+        self.stage = 0
+
+    def advance(self, model: onnx.ModelProto, tensor: str) -> list[np.ndarray]:
+        sub = cut(model, [tensor], set(self.values))
+        names = [i.name for i in sub.graph.input]
+        sess = session(sub)
+        count = len(next(iter(self.values.values())))
+        out = [sess.run(None, {n: self.values[n][b] for n in names})[0] for b in range(count)]
+        if tensor in self.last_use:
+            self.values[tensor] = out
+        for name in [n for n, last in self.last_use.items() if last <= self.stage]:
+            self.values.pop(name, None)
+            del self.last_use[name]
+        self.stage += 1
+        return out
