@@ -32,6 +32,7 @@ from .testing import session
 
 RIDGE = 1e-4  # relative to the mean variance of the regressors
 MAX_SAMPLES = 2048  # per stage; conv maps give every sample many rows
+CACHE_BYTES = 1 << 30  # kept read-point values of both models, all stages
 
 
 @dataclass
@@ -82,12 +83,12 @@ def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
             plans[gid] = GroupPlan(size, np.arange(size), {
                 t: (np.eye(size), np.zeros(size)) for t in groups.groups[gid].read_points},
                 "refit")
-    batches = _capped(data.batches, max_samples)
     stages = _by_tensor(_stages(graph, groups, gids))
+    batches = _capped(data.batches, min(max_samples, _affordable([t for t, _ in stages], graph)))
     reference = _StagedValues(batches, [t for t, _ in stages], graph)
     slimmed = _StagedValues(batches, [t for t, _ in stages], graph)
-    current = rewrite.apply(work, graph, groups, plans, finalize=False)
     for tensor, stage_gids in stages:
+        current = rewrite.apply(work, graph, groups, plans, finalize=False)
         lay = groups.layouts[tensor]
         shrunk = lay.resized({g: len(p.keep) for g, p in plans.items()})
         paired = {g: PairedStats.empty(plans[g].size, len(plans[g].keep)) for g in stage_gids}
@@ -101,7 +102,6 @@ def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
             mixes = dict(plans[g].mix)
             mixes[tensor] = paired[g].solve()
             plans[g] = replace(plans[g], mix=mixes)
-        current = rewrite.apply(work, graph, groups, plans, finalize=False)
     return rewrite.apply(work, graph, groups, plans), plans
 
 
@@ -126,6 +126,14 @@ def _by_tensor(stages: list[tuple[str, int]]) -> list[tuple[str, list[int]]]:
         else:
             out.append((tensor, [g]))
     return out
+
+
+def _affordable(tensors: list[str], graph: Graph, live: int = 4) -> int:
+    """Samples whose kept values fit CACHE_BYTES: about `live` float32 read points (two
+    models, a residual branch each) of the largest size at once."""
+    largest = max((int(np.prod([d or 1 for d in (graph.shape(t) or (1,))[1:]])) for t in
+                   tensors), default=1)
+    return max(32, CACHE_BYTES // (4 * live * largest))
 
 
 def _capped(batches: list[dict[str, np.ndarray]], limit: int) -> list[dict[str, np.ndarray]]:
