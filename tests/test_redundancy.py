@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -14,6 +15,7 @@ from onnxslim_fr import calibrate, slim
 from onnxslim_fr.channels import build_groups
 from onnxslim_fr.cli import main
 from onnxslim_fr.graph import Graph, normalize
+from onnxslim_fr.lumping.redundancy import forward_order
 from onnxslim_fr.refit import refit
 from onnxslim_fr.testing import assert_same_function
 
@@ -154,3 +156,21 @@ def test_statistics_memory_does_not_grow_with_samples():
     (peak1, size1), (peak8, size8) = peak(1), peak(8)
     assert size8 == size1
     assert peak8 <= peak1 * 1.1 + 64 * 1024
+
+
+def test_forward_selection_curve_is_the_least_squares_error_of_each_prefix():
+    rng = np.random.default_rng(0)
+    c = 12
+    x = rng.standard_normal((500, c)) @ rng.standard_normal((c, c)) + rng.standard_normal((500, c))
+    sigma = np.cov(x.T)
+    b = rng.standard_normal((c, 5))
+    q = b @ b.T
+    gm = SimpleNamespace(group=SimpleNamespace(size=c), points={"t": (q, sigma, x.mean(0))})
+    order, curve = forward_order(gm, [np.arange(c)])
+    assert sorted(order) == list(range(c))
+    for k in range(1, c + 1):
+        s = order[:k]
+        explained = sigma[:, s] @ np.linalg.solve(sigma[np.ix_(s, s)], sigma[s, :])
+        assert curve[k] == pytest.approx(np.trace(q @ (sigma - explained)), rel=1e-6, abs=1e-8)
+    single = [np.trace(q @ np.outer(sigma[:, j], sigma[:, j])) / sigma[j, j] for j in range(c)]
+    assert order[0] == int(np.argmax(single))

@@ -65,34 +65,55 @@ def group_models(graph: Graph, groups: GroupSet, stats: ChannelStats) -> list[Gr
 
 
 def forward_order(gm: GroupModel, candidates: list[np.ndarray]) -> tuple[list[int], np.ndarray]:
-    """Greedy forward selection over candidate tiers; returns the order and error(k)."""
+    """Greedy forward selection over candidate tiers; returns the order and error(k).
+
+    The conditional covariance A = Σ - L Lᵀ of the channels not yet explained is kept as
+    its factor L, and only the diagonals of A and of A Q A (whose ratio is each channel's
+    gain) are updated: two matrix-vector products per step and point, no C x C writes."""
     n = gm.group.size
-    sig = {p: s.copy() for p, (_, s, _) in gm.points.items()}
-    qsig = {p: q @ sig[p] for p, (q, _, _) in gm.points.items()}
-    err = sum(float(np.trace(qs)) for qs in qsig.values())
+    points = [_Selection(q, s) for q, s, _ in gm.points.values()]
+    err = sum(p.error for p in points)
     curve = np.zeros(n + 1)
     curve[0] = err
     order: list[int] = []
     for tier in candidates:
         left = [int(c) for c in tier]
         while left:
-            gains = np.zeros(len(left))
-            for p in sig:
-                s, qs = sig[p], qsig[p]
-                num = np.einsum("ij,ij->j", s[:, left], qs[:, left])
-                gains += num / np.maximum(s[left, left], 1e-12)
-            best = int(np.argmax(gains))
-            j = left.pop(best)
-            for p, (q, _, _) in gm.points.items():
-                s = sig[p]
-                u = s[:, j].copy()
-                d = max(s[j, j], 1e-12)
-                s -= np.outer(u, u) / d
-                qsig[p] -= np.outer(q @ u, u) / d
-            err = max(err - float(gains[best]), 0.0)
+            gains = sum(p.gains(left) for p in points)
+            j = left.pop(int(np.argmax(gains)))
+            err = max(err - float(sum(p.select(j) for p in points)), 0.0)
             order.append(j)
             curve[len(order)] = err
     return order, curve
+
+
+class _Selection:
+    """One read point's state during forward selection (see forward_order)."""
+
+    def __init__(self, q: np.ndarray, sigma: np.ndarray) -> None:
+        self.q, self.sigma = q, sigma
+        self.factor = np.zeros((len(sigma), len(sigma)))  # first `taken` columns in use
+        self.taken = 0
+        self.diag_a = np.diag(sigma).copy()
+        self.diag_b = np.einsum("ij,ij->j", sigma, q @ sigma)
+        self.error = float(np.trace(q @ sigma))
+
+    def gains(self, left: list[int]) -> np.ndarray:
+        return self.diag_b[left] / np.maximum(self.diag_a[left], 1e-12)
+
+    def select(self, j: int) -> float:
+        """Explain channel j by the selected set; returns the error it removes."""
+        d = max(self.diag_a[j], 1e-12)
+        gain = self.diag_b[j] / d
+        f = self.factor[:, :self.taken]
+        u = self.sigma[:, j] - f @ f[j]
+        w = self.q @ u
+        v = self.sigma @ w - f @ (f.T @ w)
+        self.diag_b -= 2 * u * v / d - u * u * float(u @ w) / (d * d)
+        self.diag_a -= u * u / d
+        self.factor[:, self.taken] = u / np.sqrt(d)
+        self.taken += 1
+        return gain
 
 
 def lfrns_tiers(gm: GroupModel, threshold: float) -> list[np.ndarray]:
