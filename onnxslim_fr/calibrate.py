@@ -164,7 +164,7 @@ def collect(model: onnx.ModelProto, groups: GroupSet, data: Dataset) -> ChannelS
                 c = rows.shape[1]
                 point = stats.points[(tensor, gid)] = PointStats(0, np.zeros(c), np.zeros((c, c)))
             point.count += len(rows)
-            point.total += rows.sum(axis=0, dtype=np.float64)
+            point.total += np.ones(len(rows), rows.dtype) @ rows  # BLAS, not a ufunc reduce
             point.gram += rows.T @ rows
         stats.samples += len(next(iter(batch.values())))
     return stats

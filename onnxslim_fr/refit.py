@@ -51,8 +51,9 @@ class PairedStats:
 
     def add(self, o: np.ndarray, s: np.ndarray) -> None:
         self.count += len(o)
-        self.sum_o += o.sum(axis=0, dtype=np.float64)
-        self.sum_s += s.sum(axis=0, dtype=np.float64)
+        ones = np.ones(len(o), o.dtype)
+        self.sum_o += ones @ o
+        self.sum_s += ones @ s
         self.gram_ss += s.T @ s
         self.cross_os += o.T @ s
 

@@ -48,6 +48,8 @@ def random_feeds(model: onnx.ModelProto, *, shapes: Mapping[str, tuple[int, ...]
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # idle onnxruntime threads would otherwise spin and starve numpy's BLAS between runs
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), opts,
                                 providers=["CPUExecutionProvider"])
 
