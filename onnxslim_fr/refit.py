@@ -17,10 +17,13 @@ the drift from upstream. Statistics are O(C²) per read point, never O(samples).
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
+from tqdm import tqdm
 
 from . import rewrite
 from .calibrate import Dataset, channel_rows, cut
@@ -86,16 +89,18 @@ def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
                 "refit")
     stages = _by_tensor(_stages(graph, groups, gids))
     batches = _capped(data.batches, min(max_samples, _affordable([t for t, _ in stages], graph)))
-    reference = _StagedValues(batches, [t for t, _ in stages], graph)
-    slimmed = _StagedValues(batches, [t for t, _ in stages], graph)
-    for tensor, stage_gids in stages:
-        current = rewrite.apply(work, graph, groups, plans, finalize=False)
+    values = _StagedValues(work, batches, [t for t, _ in stages])
+    bar = tqdm(stages, desc="refitting", unit="layer", disable=not sys.stderr.isatty(),
+               leave=False)
+    for tensor, stage_gids in bar:
         lay = groups.layouts[tensor]
         shrunk = lay.resized({g: len(p.keep) for g, p in plans.items()})
         paired = {g: PairedStats.empty(plans[g].size, len(plans[g].keep)) for g in stage_gids}
-        pairs = zip(reference.advance(work, tensor), slimmed.advance(current, tensor),
-                    strict=True)
-        for ref, now in pairs:
+
+        def slimmed(sub: onnx.ModelProto) -> onnx.ModelProto:
+            return rewrite.apply(sub, Graph(sub), groups, plans, finalize=False)
+
+        for ref, now in zip(*values.advance(tensor, slimmed), strict=True):
             for g in stage_gids:
                 k, _ = segment_of(groups, tensor, g)
                 paired[g].add(channel_rows(ref, lay, k), channel_rows(now, shrunk, k))
@@ -149,32 +154,47 @@ def _capped(batches: list[dict[str, np.ndarray]], limit: int) -> list[dict[str, 
 
 
 class _StagedValues:
-    """One model's values at successive read points, each computed from the ones before.
+    """Both models' values at successive read points, each stage computed from the ones
+    before: a stage runs only the layers since the read points it needs.
 
     Valid because a refit only edits consumers of the current read point, which are
-    downstream of every earlier one. A kept value is dropped after its last reader."""
+    downstream of every earlier one. The slimmed stage is the same slice of the original
+    with the current plans applied, so a stage costs its slice, not the whole model. A kept
+    value is dropped after its last reader."""
 
-    def __init__(self, batches: list[dict[str, np.ndarray]], tensors: list[str],
-                 graph: Graph) -> None:
-        self.values = {name: [b[name] for b in batches] for name in batches[0]}
+    def __init__(self, work: onnx.ModelProto, batches: list[dict[str, np.ndarray]],
+                 tensors: list[str]) -> None:
+        self.work = work
+        self.ref = {name: [b[name] for b in batches] for name in batches[0]}
+        self.now = dict(self.ref)
+        self.count = len(batches)
         self.last_use: dict[str, int] = {}
-        available = set(self.values)
+        available = set(self.ref)
         for stage, tensor in enumerate(tensors):
-            for read in cut(graph.model, [tensor], available).graph.input:
+            for read in cut(work, [tensor], available).graph.input:
                 self.last_use[read.name] = stage
             available.add(tensor)
+        self.available = set(self.ref)
         self.stage = 0
 
-    def advance(self, model: onnx.ModelProto, tensor: str) -> list[np.ndarray]:
-        sub = cut(model, [tensor], set(self.values))
-        names = [i.name for i in sub.graph.input]
-        sess = session(sub)
-        count = len(next(iter(self.values.values())))
-        out = [sess.run(None, {n: self.values[n][b] for n in names})[0] for b in range(count)]
-        if tensor in self.last_use:
-            self.values[tensor] = out
+    def advance(self, tensor: str, slimmed: Callable[[onnx.ModelProto], onnx.ModelProto]
+                ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Values of `tensor` in the original and in the slimmed model, per batch."""
+        sub = cut(self.work, [tensor], self.available)
+        ref, now = self._run(sub, self.ref, tensor), self._run(slimmed(sub), self.now, tensor)
+        self.available.add(tensor)
         for name in [n for n, last in self.last_use.items() if last <= self.stage]:
-            self.values.pop(name, None)
+            self.ref.pop(name, None)
+            self.now.pop(name, None)
             del self.last_use[name]
         self.stage += 1
+        return ref, now
+
+    def _run(self, model: onnx.ModelProto, cache: dict[str, list[np.ndarray]],
+             tensor: str) -> list[np.ndarray]:
+        names = [i.name for i in model.graph.input]
+        sess = session(model)
+        out = [sess.run(None, {n: cache[n][b] for n in names})[0] for b in range(self.count)]
+        if tensor in self.last_use:
+            cache[tensor] = out
         return out

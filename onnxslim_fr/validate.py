@@ -67,7 +67,7 @@ def output_error_probe(model: onnx.ModelProto, graph, groups, batches: Sequence[
                  for o in outs) or 1.0
 
     def probe(plans) -> float:
-        sess = session(apply(model, graph, groups, plans))
+        sess = session(apply(model, graph, groups, plans, finalize=False))
         err = 0.0
         for feeds, ref in zip(batches, reference, strict=True):
             for a, b in zip(ref, sess.run(None, dict(feeds)), strict=True):

@@ -69,7 +69,9 @@ def forward_order(gm: GroupModel, candidates: list[np.ndarray]) -> tuple[list[in
 
     The conditional covariance A = Σ - L Lᵀ of the channels not yet explained is kept as
     its factor L, and only the diagonals of A and of A Q A (whose ratio is each channel's
-    gain) are updated: two matrix-vector products per step and point, no C x C writes."""
+    gain) are updated: two matrix-vector products per step and point, no C x C writes.
+    Once the selected channels explain everything (rank-deficient statistics: fewer
+    samples than channels), the rest follow in index order at zero gain."""
     n = gm.group.size
     points = [_Selection(q, s) for q, s, _ in gm.points.values()]
     err = sum(p.error for p in points)
@@ -80,6 +82,10 @@ def forward_order(gm: GroupModel, candidates: list[np.ndarray]) -> tuple[list[in
         left = [int(c) for c in tier]
         while left:
             gains = sum(p.gains(left) for p in points)
+            if not np.any(gains > 0):
+                order.extend(left)
+                curve[len(order) - len(left) + 1:len(order) + 1] = err
+                break
             j = left.pop(int(np.argmax(gains)))
             err = max(err - float(sum(p.select(j) for p in points)), 0.0)
             order.append(j)
@@ -97,14 +103,19 @@ class _Selection:
         self.diag_a = np.diag(sigma).copy()
         self.diag_b = np.einsum("ij,ij->j", sigma, q @ sigma)
         self.error = float(np.trace(q @ sigma))
+        self.tol = 1e-9 * max(float(self.diag_a.max(initial=0.0)), 1e-30)
 
     def gains(self, left: list[int]) -> np.ndarray:
-        return self.diag_b[left] / np.maximum(self.diag_a[left], 1e-12)
+        a, b = self.diag_a[left], self.diag_b[left]
+        live = a > self.tol  # a channel the selected ones already explain gains nothing
+        return np.where(live, np.maximum(b, 0.0) / np.where(live, a, 1.0), 0.0)
 
     def select(self, j: int) -> float:
         """Explain channel j by the selected set; returns the error it removes."""
-        d = max(self.diag_a[j], 1e-12)
-        gain = self.diag_b[j] / d
+        d = self.diag_a[j]
+        if d <= self.tol:
+            return 0.0
+        gain = max(self.diag_b[j], 0.0) / d
         f = self.factor[:, :self.taken]
         u = self.sigma[:, j] - f @ f[j]
         w = self.q @ u
