@@ -118,7 +118,8 @@ def _redundant(original: onnx.ModelProto, work: onnx.ModelProto, calib: calibrat
     groups = build_groups(graph)
     stats = calibrate.collect(work, groups, calib)
     base, now = report.flops(original), report.flops(work)
-    probe = validate.output_error_probe(work, graph, groups, calib.batches[:2])
+    probe = validate.output_error_probe(work, graph, groups, calib.head(_probe_samples(
+        calib.samples, len(groups.active()))))
 
     sequential = options.pop("refit") and options["compensate"] and \
         options["method"] != "magnitude"
@@ -149,6 +150,12 @@ def _redundant(original: onnx.ModelProto, work: onnx.ModelProto, calib: calibrat
                          f"{options['target']} (frozen groups limit the reduction)")
         return result
     return _search(original, held, slimmed, max_error, max_drop, notes) or work
+
+
+def _probe_samples(samples: int, groups: int, most: int = 128, least: int = 8) -> int:
+    """Samples per sensitivity probe: one probe per group runs the whole model, so all
+    probes together cost about one pass over the calibration set, within [least, most]."""
+    return max(least, min(most, samples // max(groups, 1)))
 
 
 def _search(original: onnx.ModelProto, held: calibrate.Dataset, slimmed, max_error: float | None,

@@ -40,6 +40,17 @@ class Dataset:
     def samples(self) -> int:
         return sum(len(next(iter(b.values()))) for b in self.batches)
 
+    def head(self, limit: int) -> list[dict[str, np.ndarray]]:
+        """The batches of the first `limit` samples (the last one cut to fit)."""
+        out, seen = [], 0
+        for batch in self.batches:
+            if seen >= limit:
+                break
+            n = len(next(iter(batch.values())))
+            out.append({k: v[: limit - seen] for k, v in batch.items()})
+            seen += min(n, limit - seen)
+        return out
+
 
 def load_data(source: DataSource, model: onnx.ModelProto, *, batch_size: int = 64,
               max_samples: int | None = None) -> Dataset:

@@ -88,7 +88,7 @@ def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
                 t: (np.eye(size), np.zeros(size)) for t in groups.groups[gid].read_points},
                 "refit")
     stages = _by_tensor(_stages(graph, groups, gids))
-    batches = _capped(data.batches, min(max_samples, _affordable([t for t, _ in stages], graph)))
+    batches = data.head(min(max_samples, _affordable([t for t, _ in stages], graph)))
     values = _StagedValues(work, batches, [t for t, _ in stages])
     bar = tqdm(stages, desc="refitting", unit="layer", disable=not sys.stderr.isatty(),
                leave=False)
@@ -140,17 +140,6 @@ def _affordable(tensors: list[str], graph: Graph, live: int = 4) -> int:
     largest = max((int(np.prod([d or 1 for d in (graph.shape(t) or (1,))[1:]])) for t in
                    tensors), default=1)
     return max(32, CACHE_BYTES // (4 * live * largest))
-
-
-def _capped(batches: list[dict[str, np.ndarray]], limit: int) -> list[dict[str, np.ndarray]]:
-    out, seen = [], 0
-    for batch in batches:
-        if seen >= limit:
-            break
-        n = len(next(iter(batch.values())))
-        out.append({k: v[: limit - seen] for k, v in batch.items()})
-        seen += min(n, limit - seen)
-    return out
 
 
 class _StagedValues:
