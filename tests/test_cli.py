@@ -70,3 +70,19 @@ def test_inspect_lists_groups_and_writes_nothing(tmp_path, capsys):
 def test_same_input_and_output_is_refused(capsys):
     assert main([str(MASKED), str(MASKED)]) == 2
     _one_line_error(capsys)
+
+
+def test_calibrated_run_reports_accuracy_and_no_refit_is_the_weaker_ablation(tmp_path):
+    cnn, data = MODELS / "digits_cnn.onnx", ["--data", str(MODELS / "digits_img_calib.npz"),
+                                              "--holdout", str(MODELS / "digits_img_test.npz")]
+    reports = {}
+    for flag in ([], ["--no-refit"]):
+        out, rep = tmp_path / f"out{len(flag)}.onnx", tmp_path / f"rep{len(flag)}.json"
+        assert main([str(cnn), str(out), "--ratio", "0.5", "--report", str(rep),
+                     *data, *flag]) == 0
+        reports[bool(flag)] = json.loads(rep.read_text())
+    refit, one_shot = reports[False], reports[True]
+    assert refit["flops_after"] <= 0.52 * refit["flops_before"]
+    assert refit["accuracy_after"] >= refit["accuracy_before"] - 0.01
+    assert 0.9 < refit["top1_agreement"] <= 1.0
+    assert refit["max_rel_error"] < one_shot["max_rel_error"]
