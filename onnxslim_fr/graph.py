@@ -108,13 +108,49 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     return infer_shapes(model)
 
 
+SKELETON_LIMIT = 4096  # initializers up to this many elements keep their values
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without the values of its large initializers, which become typed graph
+    inputs. Shape inference and the checker read types and shapes, not weights (shape
+    tensors are small and keep their values); serializing the skeleton instead of the model
+    spares two or three transient copies of every weight."""
+    out = onnx.ModelProto()
+    out.ir_version = model.ir_version
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    g, src = out.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    listed = {i.name for i in src.input}
+    for init in src.initializer:
+        if int(np.prod(init.dims)) <= SKELETON_LIMIT:
+            g.initializer.append(init)
+        elif init.name not in listed:
+            g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type,
+                                                              list(init.dims)))
+    return out
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Strict shape inference; a model it rejects is not one we can reason about."""
+    """Strict shape inference (on the skeleton); a model it rejects is not one we can reason
+    about. The inferred shapes are written into `model`, which is returned."""
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=True,
+                                                     data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise BadModelError(f"shape inference failed: {first}") from None
+    g = model.graph
+    del g.value_info[:]
+    g.value_info.extend(inferred.graph.value_info)
+    for out, typed in zip(g.output, inferred.graph.output, strict=True):
+        out.type.CopyFrom(typed.type)
+    return model
 
 
 def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from .graph import Graph, infer_shapes
+from .graph import Graph, infer_shapes, skeleton
 from .testing import session
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
@@ -126,8 +126,7 @@ def flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = None)
 def node_costs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = None
                ) -> dict[str, tuple[int, int]]:
     """(MACs, weight parameters) of every Conv/Gemm/MatMul with known shapes, by node name."""
-    static = onnx.ModelProto()
-    static.CopyFrom(model)
+    static = skeleton(model)  # shapes only: the weights' values are not needed
     for vi in static.graph.input:
         dims = vi.type.tensor_type.shape.dim
         shape = feeds[vi.name].shape if feeds and vi.name in feeds else None
