@@ -12,7 +12,8 @@ data and solves, by ridge least squares on centred paired statistics,
 layer thus reconstructs the *original* input of its consumers from what actually reaches
 it, compensating the errors of all layers before it: He et al.'s and ThiNet's sequential
 reconstruction, post-training. Groups with nothing removed are refit too, so they absorb
-the drift from upstream. Statistics are O(C²) per read point, never O(samples).
+the drift from upstream. Statistics are O(C²) per read point; the values kept between
+stages are bounded by MAX_SAMPLES and CACHE_BYTES, never by the calibration set's size.
 """
 
 from __future__ import annotations
