@@ -61,14 +61,17 @@ class PairedStats:
         self.gram_ss += s.T @ s
         self.cross_os += o.T @ s
 
-    def solve(self, ridge: float = RIDGE) -> tuple[np.ndarray, np.ndarray]:
-        """Least-squares (mix, offset) with ``o ≈ mix @ s + offset``."""
+    def solve(self, prior: np.ndarray, ridge: float = RIDGE) -> tuple[np.ndarray, np.ndarray]:
+        """Least-squares (mix, offset) with ``o ≈ mix @ s + offset``, ridge-regularized toward
+        `prior` (the plan's mix so far: identity for kept channels), not toward zero: where
+        the statistics are uninformative (nearly collinear channels) the plan stays as it
+        was, and refitting an unslimmed model gives back exactly the identity."""
         n = max(self.count, 1)
         mo, ms = self.sum_o / n, self.sum_s / n
         cov_ss = self.gram_ss / n - np.outer(ms, ms)
         cov_os = self.cross_os / n - np.outer(mo, ms)
         lam = ridge * max(float(np.trace(cov_ss)) / max(len(ms), 1), 1e-12)
-        mix = np.linalg.solve(cov_ss + lam * np.eye(len(ms)), cov_os.T).T
+        mix = np.linalg.solve(cov_ss + lam * np.eye(len(ms)), (cov_os + lam * prior).T).T
         return mix, mo - mix @ ms
 
 
@@ -107,7 +110,7 @@ def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
                 paired[g].add(channel_rows(ref, lay, k), channel_rows(now, shrunk, k))
         for g in stage_gids:
             mixes = dict(plans[g].mix)
-            mixes[tensor] = paired[g].solve()
+            mixes[tensor] = paired[g].solve(plans[g].mix[tensor][0])
             plans[g] = replace(plans[g], mix=mixes)
     return rewrite.apply(work, graph, groups, plans), plans
 

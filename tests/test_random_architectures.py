@@ -1,5 +1,7 @@
-"""Property: on random architectures with planted exact redundancy, exact mode removes at
-least every planted channel and the function is unchanged (rtol/atol 1e-5)."""
+"""Properties on random architectures with planted exact redundancy: exact mode removes at
+least every planted channel and the function is unchanged (rtol/atol 1e-5); calibrated
+mode (with or without the refit) keeps that exact part exact, produces a model the checker
+and onnxruntime accept, and meets its FLOPs budget or says why not."""
 
 from __future__ import annotations
 
@@ -8,6 +10,13 @@ from builders import Net
 from conftest import removed, slim_exact
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from onnxslim_fr import slim
+from onnxslim_fr.calibrate import load_data
+from onnxslim_fr.channels import build_groups
+from onnxslim_fr.graph import Graph, normalize
+from onnxslim_fr.refit import refit
+from onnxslim_fr.testing import assert_same_function, input_specs
 
 ZERO_AT_ZERO = ("Relu", "LeakyRelu", "Tanh")
 HOMOGENEOUS = ("Relu", "LeakyRelu")
@@ -108,3 +117,31 @@ def test_exact_mode_removes_every_planted_channel_and_keeps_the_function(case):
     model, planted = case
     result = slim_exact(model)
     assert removed(result) >= planted
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(cnn(), mlp()), st.floats(0.2, 0.6), st.booleans())
+def test_calibrated_mode_keeps_the_exact_part_exact_and_meets_or_reports_its_budget(
+        case, ratio, refit):
+    model, _ = case
+    (name, (dims, dtype)), = input_specs(model).items()
+    rng = np.random.default_rng(0)
+    data = {name: rng.standard_normal((96, *dims[1:])).astype(dtype)}
+    rep = slim(model, data=data, ratio=ratio, sequential_refit=refit, latency_runs=0).report
+    assert rep.exact_max_rel_error <= 1e-5
+    assert np.isfinite(rep.max_rel_error)
+    met = rep.after.flops <= (1 - ratio) * rep.before.flops * 1.02
+    assert met or any("budget not met" in note for note in rep.notes)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(cnn(), mlp()))
+def test_refit_of_an_unslimmed_model_keeps_its_function(case):
+    model = normalize(case[0])
+    graph = Graph(model)
+    groups = build_groups(graph)
+    (name, (dims, dtype)), = input_specs(model).items()
+    feeds = {name: np.random.default_rng(1).standard_normal((96, *dims[1:])).astype(dtype)}
+    active = [g.id for g in groups.active()]
+    refit_model, _ = refit(model, graph, groups, {}, load_data(feeds, model), active)
+    assert_same_function(model, refit_model, feeds=feeds, rtol=1e-3, atol=1e-3)
