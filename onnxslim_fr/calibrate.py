@@ -206,21 +206,16 @@ def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     return out
 
 
-
-
-def cut(model: onnx.ModelProto, outputs: list[str], available: frozenset[str] | set[str]
-        = frozenset()) -> onnx.ModelProto:
-    """The sub-model computing `outputs` from the graph inputs and the `available` tensors,
-    which become its inputs when it reads them: a stage that reads one layer pays for the
-    layers since the last values it has, not for the whole model."""
-    graph = Graph(model)
-    declared = {i.name: i for i in model.graph.input if i.name not in graph.initializers}
+def slice_of(graph: Graph, outputs: list[str], available: frozenset[str] | set[str]
+             ) -> tuple[list[onnx.NodeProto], list[str]]:
+    """The nodes computing `outputs` from the graph inputs and the `available` tensors, in
+    graph order, and the tensors among those that they read (the slice's inputs)."""
+    declared = {i.name for i in graph.model.graph.input if i.name not in graph.initializers}
     wanted, todo, seen, frontier = [], list(outputs), set(), {}
     while todo:
         name = todo.pop()
         if name in available or name in declared:
-            frontier[name] = declared.get(name) or onnx.helper.make_tensor_value_info(
-                name, onnx.TensorProto.FLOAT, None)
+            frontier[name] = None
             continue
         node = graph.producer.get(name)
         if node is None or id(node) in seen:
@@ -228,10 +223,23 @@ def cut(model: onnx.ModelProto, outputs: list[str], available: frozenset[str] | 
         seen.add(id(node))
         wanted.append(node)
         todo.extend(graph.inputs_of(node))
-    names = {t for n in wanted for t in graph.inputs_of(n)}
     order = {id(n): i for i, n in enumerate(graph.nodes)}
+    return sorted(wanted, key=lambda n: order[id(n)]), list(frontier)
+
+
+def cut(graph: Graph, outputs: list[str], available: frozenset[str] | set[str] = frozenset()
+        ) -> onnx.ModelProto:
+    """The slice computing `outputs` as a model whose inputs are the tensors it reads: a
+    stage that reads one layer pays for the layers since the last values it has, not for
+    the whole model."""
+    model = graph.model
+    nodes, reads = slice_of(graph, outputs, available)
+    declared = {i.name: i for i in model.graph.input}
+    names = {t for n in nodes for t in graph.inputs_of(n)}
     g = onnx.helper.make_graph(
-        sorted(wanted, key=lambda n: order[id(n)]), model.graph.name, list(frontier.values()),
+        nodes, model.graph.name,
+        [declared.get(t) or onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+         for t in reads],
         [onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in outputs],
         [graph.initializers[n] for n in sorted(names) if n in graph.initializers])
     return onnx.helper.make_model(g, opset_imports=model.opset_import,

@@ -27,7 +27,7 @@ import onnx
 from tqdm import tqdm
 
 from . import rewrite
-from .calibrate import Dataset, channel_rows, cut
+from .calibrate import Dataset, channel_rows, cut, slice_of
 from .channels.groups import GroupSet
 from .graph import Graph
 from .lumping.consumers import segment_of
@@ -93,17 +93,18 @@ def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
                 "refit")
     stages = _by_tensor(_stages(graph, groups, gids))
     batches = data.head(min(max_samples, _affordable([t for t, _ in stages], graph)))
-    values = _StagedValues(work, batches, [t for t, _ in stages])
+    values = _StagedValues(graph, batches, [t for t, _ in stages])
+
+    def slimmed(sub: onnx.ModelProto) -> onnx.ModelProto:
+        """The same slice with the plans as they are now."""
+        return rewrite.apply(sub, Graph(sub), groups, plans, finalize=False)
+
     bar = tqdm(stages, desc="refitting", unit="layer", disable=not sys.stderr.isatty(),
                leave=False)
     for tensor, stage_gids in bar:
         lay = groups.layouts[tensor]
         shrunk = lay.resized({g: len(p.keep) for g, p in plans.items()})
         paired = {g: PairedStats.empty(plans[g].size, len(plans[g].keep)) for g in stage_gids}
-
-        def slimmed(sub: onnx.ModelProto) -> onnx.ModelProto:
-            return rewrite.apply(sub, Graph(sub), groups, plans, finalize=False)
-
         for ref, now in zip(*values.advance(tensor, slimmed), strict=True):
             for g in stage_gids:
                 k, _ = segment_of(groups, tensor, g)
@@ -155,7 +156,7 @@ class _StagedValues:
     with the current plans applied, so a stage costs its slice, not the whole model. A kept
     value is dropped after its last reader."""
 
-    def __init__(self, work: onnx.ModelProto, batches: list[dict[str, np.ndarray]],
+    def __init__(self, work: Graph, batches: list[dict[str, np.ndarray]],
                  tensors: list[str]) -> None:
         self.work = work
         self.ref = {name: [b[name] for b in batches] for name in batches[0]}
@@ -164,8 +165,8 @@ class _StagedValues:
         self.last_use: dict[str, int] = {}
         available = set(self.ref)
         for stage, tensor in enumerate(tensors):
-            for read in cut(work, [tensor], available).graph.input:
-                self.last_use[read.name] = stage
+            for name in slice_of(work, [tensor], available)[1]:
+                self.last_use[name] = stage
             available.add(tensor)
         self.available = set(self.ref)
         self.stage = 0
