@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import BadModelError
+from .errors import BadModelError, SlimError
 
 
 class Graph:
@@ -134,6 +134,15 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
             g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type,
                                                               list(init.dims)))
     return out
+
+
+def check(model: onnx.ModelProto, failure: str) -> None:
+    """The full checker (on the skeleton) for a model we produced: a rejection is our bug,
+    reported as `failure` with the checker's reason."""
+    try:
+        onnx.checker.check_model(skeleton(model), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise SlimError(f"internal: {failure}: {exc}") from None
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

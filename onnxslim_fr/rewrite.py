@@ -15,7 +15,7 @@ from .channels.groups import GroupSet
 from .channels.handlers import handler_for
 from .channels.layout import Layout
 from .errors import SlimError
-from .graph import Graph, infer_shapes, skeleton
+from .graph import Graph, check, infer_shapes
 from .lumping.plan import Plan
 
 
@@ -135,10 +135,7 @@ def _materialize(model: onnx.ModelProto, rw: RewriteContext, finalize: bool) -> 
     if not finalize:
         return out
     out = infer_shapes(out)
-    try:
-        onnx.checker.check_model(skeleton(out), full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise SlimError(f"internal: rewrite produced an invalid model: {exc}") from None
+    check(out, "rewrite produced an invalid model")
     return out
 
 

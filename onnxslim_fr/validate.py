@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .errors import SlimError
-from .graph import skeleton
+from .graph import check
 from .testing import run, session
 
 
@@ -22,19 +21,12 @@ class Comparison:
     accuracy_after: float | None = None
 
 
-def check(model: onnx.ModelProto) -> None:
-    try:
-        onnx.checker.check_model(skeleton(model), full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise SlimError(f"internal: slimmed model fails the checker: {exc}") from None
-
-
 def compare(original: onnx.ModelProto, slimmed: onnx.ModelProto,
             batches: Sequence[Mapping[str, np.ndarray]],
             labels: np.ndarray | None = None) -> Comparison:
     """Errors are relative to the largest output magnitude; top-1 and accuracy use the first
     output when it looks like class scores (batch, classes)."""
-    check(slimmed)
+    check(slimmed, "slimmed model fails the checker")
     abs_err, scale, agree, n = 0.0, 0.0, 0, 0
     preds_a, preds_b = [], []
     sess_a, sess_b = session(original), session(slimmed)
