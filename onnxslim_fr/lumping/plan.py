@@ -4,7 +4,7 @@ Per group: the kept channels and, per read point, "old channel values ≈ mix @ 
 offset". A consumer folds it as ``W_kept' = W @ mix`` and ``bias' = bias + W @ offset``.
 Identity: all kept. Duplicate or positive multiple: a row with one positive entry.
 Dead or constant: a zero row plus the constant. Redundancy: least-squares rows. A refit
-(lumping/refit.py) may also re-solve the kept rows against the original activations, so
+(onnxslim_fr/refit.py) may also re-solve the kept rows against the original activations, so
 only exact plans promise identity rows for kept channels.
 """
 
