@@ -18,12 +18,12 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from .channels.groups import GroupSet
 from .channels.layout import Layout
+from .channels.structures import GroupSet
 from .errors import BadDataError
 from .graph import Graph
 from .lumping.consumers import segment_of
-from .testing import input_specs, session
+from .runtime import input_specs, session
 
 DataSource = str | os.PathLike[str] | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]
 LABELS = "labels"

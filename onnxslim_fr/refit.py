@@ -28,11 +28,11 @@ from tqdm import tqdm
 
 from . import rewrite
 from .calibrate import Dataset, channel_rows, cut, slice_of
-from .channels.groups import GroupSet
+from .channels.structures import GroupSet
 from .graph import Graph
 from .lumping.consumers import segment_of
 from .lumping.plan import GroupPlan, Plan
-from .testing import session
+from .runtime import session
 
 RIDGE = 1e-4  # relative to the mean variance of the regressors
 MAX_SAMPLES = 2048  # per stage; conv maps give every sample many rows

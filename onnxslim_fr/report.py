@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from .graph import Graph, infer_shapes, skeleton
-from .testing import session
+from .runtime import session
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
 

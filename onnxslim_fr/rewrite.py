@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .channels.groups import GroupSet
 from .channels.handlers import handler_for
 from .channels.layout import Layout
+from .channels.structures import GroupSet
 from .errors import SlimError
 from .graph import Graph, check, infer_shapes
 from .lumping.plan import Plan

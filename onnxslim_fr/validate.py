@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from .graph import check
-from .testing import run, session
+from .runtime import run, session
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..channels.groups import GroupSet, Role
+from ..channels.structures import GroupSet, Role
 from ..graph import Graph
 from ..report import node_costs
 

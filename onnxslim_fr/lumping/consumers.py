@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..channels.groups import GroupSet, Role
 from ..channels.handlers import handler_for
 from ..channels.handlers.linear import LinearHandler
+from ..channels.structures import GroupSet, Role
 from ..graph import Graph
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..channels.groups import ChannelGroup, GroupSet
+from ..channels.structures import ChannelGroup, GroupSet
 from ..graph import Graph
 from .consumers import ConsumerView, consumers, segment_of
 from .plan import GroupPlan, Plan, removal_plan

@@ -24,8 +24,8 @@ import numpy as np
 from sklearn.cluster import AgglomerativeClustering
 
 from ..calibrate import ChannelStats
-from ..channels.groups import ChannelGroup, GroupSet, Role
 from ..channels.handlers import handler_for
+from ..channels.structures import ChannelGroup, GroupSet, Role
 from ..graph import Graph
 from .budget import CostModel, allocate, uniform
 from .consumers import consumers

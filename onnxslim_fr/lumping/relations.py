@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..channels.groups import GroupSet, Role
 from ..channels.handlers import handler_for
 from ..channels.handlers.base import (
     Activation,
@@ -25,6 +24,7 @@ from ..channels.handlers.base import (
     Normalize,
     Spatial,
 )
+from ..channels.structures import GroupSet, Role
 from ..graph import Graph
 
 CONST = -1

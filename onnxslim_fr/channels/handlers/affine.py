@@ -11,13 +11,15 @@ import numpy as np
 import onnx
 
 from ...graph import Graph
-from ..groups import AnalysisContext, Role, Unsupported
+from ..context import AnalysisContext
+from ..structures import Role, Unsupported
 from .base import (
     Activation,
     Affine,
     Join,
     Normalize,
     OpHandler,
+    RewriteContext,
     Transfer,
     attr,
     per_channel,
@@ -46,7 +48,7 @@ class _ParamCarrier(OpHandler):
     def params(self, node: onnx.NodeProto, graph: Graph) -> list[str]:
         return [node.input[i] for i in self.slots]
 
-    def rewrite(self, node: onnx.NodeProto, rw) -> None:
+    def rewrite(self, node: onnx.NodeProto, rw: RewriteContext) -> None:
         keep = rw.keep_index(node.output[0])
         for i in self.slots:
             value = rw.array(node.input[i])
@@ -161,7 +163,7 @@ class ArithmeticHandler(OpHandler):
             return Affine(c, zero)
         return Affine(1.0 / c, zero)
 
-    def rewrite(self, node: onnx.NodeProto, rw) -> None:
+    def rewrite(self, node: onnx.NodeProto, rw: RewriteContext) -> None:
         for name in self.params(node, rw.graph):
             value = rw.array(name)
             keep = rw.keep_index(node.output[0])

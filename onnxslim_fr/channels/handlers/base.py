@@ -9,16 +9,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import onnx
 
 from ...graph import Graph
-from ..groups import AnalysisContext, Unsupported
+from ..context import AnalysisContext
+from ..layout import Layout
+from ..structures import Unsupported
 
-if TYPE_CHECKING:
-    from ...rewrite import RewriteContext
+
+class RewriteContext(Protocol):
+    """What a handler's `rewrite` may use: read arrays, stage replacements, fold plans.
+    Declared here so the handler contract owns its interface (rewrite.py implements it)."""
+
+    graph: Graph
+    bias_after: dict[str, np.ndarray]
+
+    def touched(self, tensor: str) -> bool: ...
+    def array(self, name: str) -> np.ndarray: ...
+    def stage(self, name: str, value: np.ndarray) -> None: ...
+    def add_input(self, node: onnx.NodeProto, index: int, value: np.ndarray) -> None: ...
+    def set_attr(self, node: onnx.NodeProto, name: str, value: object) -> None: ...
+    def layout(self, tensor: str) -> Layout: ...
+    def new_layout(self, tensor: str) -> Layout: ...
+    def keep_index(self, tensor: str) -> np.ndarray: ...
+    def fold(self, weight: np.ndarray, tensor: str) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ import onnx
 from scipy.special import erf
 
 from ...graph import Graph
-from ..groups import AnalysisContext, Unsupported
+from ..context import AnalysisContext
+from ..structures import Unsupported
 from .base import Activation, OpHandler, Transfer, attr
 
 Fn = Callable[[np.ndarray], np.ndarray]

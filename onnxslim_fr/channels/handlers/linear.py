@@ -11,9 +11,10 @@ import numpy as np
 import onnx
 
 from ...graph import Graph
-from ..groups import AnalysisContext, Role, Unsupported
+from ..context import AnalysisContext
 from ..layout import Layout, Segment
-from .base import Depthwise, OpHandler, Transfer, attr, require_plain
+from ..structures import Role, Unsupported
+from .base import Depthwise, OpHandler, RewriteContext, Transfer, attr, require_plain
 
 
 class LinearHandler(OpHandler):
@@ -32,7 +33,8 @@ class LinearHandler(OpHandler):
         return True
 
     def _fold_and_slice(self, node: onnx.NodeProto, w: np.ndarray, b: np.ndarray | None,
-                        rw, bias_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
+                        rw: RewriteContext, bias_scale: float = 1.0
+                        ) -> tuple[np.ndarray, np.ndarray | None]:
         """Fold the input plans into canonical `w` (out, in, ...), then keep output rows."""
         if rw.touched(node.input[0]):
             w, delta = rw.fold(w, node.input[0])
@@ -113,7 +115,7 @@ class ConvHandler(LinearHandler):
         return Depthwise(w.reshape(w.shape[0], -1).astype(np.float64), self.bias(node, graph),
                          not self.can_fold_offset(node))
 
-    def rewrite(self, node: onnx.NodeProto, rw) -> None:
+    def rewrite(self, node: onnx.NodeProto, rw: RewriteContext) -> None:
         w = rw.array(node.input[1])
         b = rw.array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if self._depthwise(node, rw.graph.const(node.input[1])):
@@ -161,7 +163,7 @@ class GemmHandler(LinearHandler):
             return float(attr(node, "beta", 1.0)) * np.broadcast_to(c.reshape(-1), (n,))
         return np.zeros(n)
 
-    def rewrite(self, node: onnx.NodeProto, rw) -> None:
+    def rewrite(self, node: onnx.NodeProto, rw: RewriteContext) -> None:
         alpha = float(attr(node, "alpha", 1.0))
         w = self._raw(node, rw.array(node.input[1]))
         b = self.bias(node, rw.graph) if len(node.input) > 2 and node.input[2] else None
@@ -194,7 +196,7 @@ class MatMulHandler(LinearHandler):
     def bias(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray:
         return np.zeros(graph.const(node.input[1]).shape[1])
 
-    def rewrite(self, node: onnx.NodeProto, rw) -> None:
+    def rewrite(self, node: onnx.NodeProto, rw: RewriteContext) -> None:
         w, b = self._fold_and_slice(node, rw.array(node.input[1]).T, None, rw)
         rw.stage(node.input[1], np.ascontiguousarray(w.T))
         if b is not None:
@@ -207,7 +209,8 @@ def _add_bias(b: np.ndarray | None, delta: np.ndarray, dtype: np.dtype) -> np.nd
     return (b.astype(np.float64) + delta).astype(dtype)
 
 
-def _write_bias(node: onnx.NodeProto, index: int, b: np.ndarray | None, rw) -> None:
+def _write_bias(node: onnx.NodeProto, index: int, b: np.ndarray | None,
+                rw: RewriteContext) -> None:
     if b is None:
         return
     if len(node.input) > index and node.input[index]:

@@ -9,9 +9,10 @@ import numpy as np
 import onnx
 
 from ...graph import Graph
-from ..groups import AnalysisContext, Unsupported
+from ..context import AnalysisContext
 from ..layout import Layout, concat, opaque
-from .base import OpHandler, attr
+from ..structures import Unsupported
+from .base import OpHandler, RewriteContext, attr
 
 
 def _merge(ctx: AnalysisContext, node: onnx.NodeProto, start: int) -> Layout:
@@ -59,7 +60,7 @@ class ReshapeHandler(OpHandler):
     def params(self, node: onnx.NodeProto, graph: Graph) -> list[str]:
         return []  # the shape constant is copied privately when it changes, never shared
 
-    def rewrite(self, node: onnx.NodeProto, rw) -> None:
+    def rewrite(self, node: onnx.NodeProto, rw: RewriteContext) -> None:
         target = rw.graph.const(node.input[1]).copy()
         old, new = rw.layout(node.output[0]).size, rw.new_layout(node.output[0]).size
         if int(target[1]) == old:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import onnx
 
 from ...graph import Graph
-from ..groups import AnalysisContext, Unsupported
+from ..context import AnalysisContext
+from ..structures import Unsupported
 from .base import OpHandler, Spatial, Transfer, attr, require_plain
 
 
