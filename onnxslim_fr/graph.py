@@ -103,7 +103,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
             kept.append(node)
     del g.node[:]
     g.node.extend(kept)
-    _name_nodes(g)
+    name_nodes(model)
     _drop_initializer_inputs(model)
     return infer_shapes(model)
 
@@ -177,14 +177,18 @@ def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto:
     return tensor
 
 
-def _name_nodes(g: onnx.GraphProto) -> None:
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every unnamed or repeated node a unique name, in place; tensor names stay, so the
+    function and the outputs are unchanged. Node names key roles and rewrites, and
+    onnxruntime refuses a model whose node names repeat."""
     seen: set[str] = set()
-    for i, node in enumerate(g.node):
+    for i, node in enumerate(model.graph.node):
         if not node.name or node.name in seen:
             node.name = f"{node.op_type}_{i}"
             while node.name in seen:
                 node.name += "_"
         seen.add(node.name)
+    return model
 
 
 def _drop_initializer_inputs(model: onnx.ModelProto) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Mapping
@@ -10,10 +11,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
+from .channels.handlers import handler_for
+from .errors import BadModelError
 from .graph import Graph, infer_shapes, skeleton
-from .runtime import session
+from .runtime import runner, session
 
-LINEAR_OPS = ("Conv", "Gemm", "MatMul")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Report:
     accuracy_after: float | None = None
     exact_max_rel_error: float | None = None
     notes: list[str] = field(default_factory=list)
+    output_errors: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         out = {
@@ -52,7 +56,7 @@ class Report:
             "top1_agreement": self.top1_agreement,
             "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
             "exact_max_rel_error": self.exact_max_rel_error, "rounds": self.rounds,
-            "groups": self.groups, "notes": self.notes,
+            "groups": self.groups, "notes": self.notes, "output_errors": self.output_errors,
         }
         return out
 
@@ -93,27 +97,21 @@ def figures(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = Non
 
 
 def params(model: onnx.ModelProto) -> int:
+    """Floating-point initializer elements: what the file holds, whichever op reads them."""
     return int(sum(np.prod(t.dims) for t in model.graph.initializer
                    if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
                                       onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)))
 
 
 def channels(model: onnx.ModelProto) -> int:
-    """Output channels of every Conv/Gemm/MatMul with constant weights."""
+    """Output channels of every Conv/Gemm/MatMul with constant weights, as their handlers
+    count them."""
     g = Graph(model)
     total = 0
     for node in g.nodes:
-        w = g.const(node.input[1]) if node.op_type in LINEAR_OPS and len(node.input) > 1 \
-            else None
-        if w is None or w.ndim < 2:
-            continue
-        if node.op_type == "Conv":
-            total += w.shape[0]
-        elif node.op_type == "Gemm":
-            total += w.shape[0] if any(a.name == "transB" and a.i for a in node.attribute) \
-                else w.shape[1]
-        else:
-            total += w.shape[1]
+        handler = handler_for(node)
+        n = handler.out_channels(node, g) if handler is not None else None
+        total += n or 0
     return total
 
 
@@ -124,45 +122,56 @@ def flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = None)
 
 
 def node_costs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = None
-               ) -> dict[str, tuple[int, int]]:
-    """(MACs, weight parameters) of every Conv/Gemm/MatMul with known shapes, by node name."""
-    static = skeleton(model)  # shapes only: the weights' values are not needed
-    for vi in static.graph.input:
-        dims = vi.type.tensor_type.shape.dim
-        shape = feeds[vi.name].shape if feeds and vi.name in feeds else None
-        for i, d in enumerate(dims):
-            if shape is not None:
-                d.dim_value = int(shape[i])
-            elif not d.HasField("dim_value"):
-                d.dim_value = 1
-    del static.graph.value_info[:]
-    g = Graph(infer_shapes(static))
+               ) -> dict[int, tuple[int, int]]:
+    """(MACs, weight parameters) of every node whose handler counts a cost, keyed by the
+    node's index in the graph (names may be missing or repeated). Shapes are those of
+    `feeds` (dynamic dims 1 without feeds): a dynamic height counted as 1 would make every
+    convolution look almost free next to the MatMuls."""
+    g = Graph(model)
+    shapes = _static_shapes(model, feeds)
     costs = {}
-    for node in g.nodes:
-        if node.op_type not in LINEAR_OPS:
-            continue
-        out, w = g.shape(node.output[0]), g.shape(node.input[1])
-        if out is None or w is None or None in out or None in w:
-            continue
-        if node.op_type == "Conv":
-            macs = int(np.prod(out)) * int(np.prod(w[1:]))
-        elif node.op_type == "Gemm":
-            a = g.shape(node.input[0])
-            k = a[0] if any(x.name == "transA" and x.i for x in node.attribute) else a[1]
-            macs = int(np.prod(out)) * int(k)
-        else:
-            macs = int(np.prod(out)) * int(g.shape(node.input[0])[-1])
-        costs[node.name] = (macs, int(np.prod(w)))
+    for i, node in enumerate(g.nodes):
+        handler = handler_for(node)
+        cost = handler.cost(node, g, shapes.shape) if handler is not None else None
+        if cost is not None:
+            costs[i] = cost
     return costs
+
+
+def _static_shapes(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None) -> Graph:
+    """The model's shapes inferred with every dynamic input dim fixed (from `feeds`, else
+    1). If the feed's sizes do not infer, batch 1 does; if that fails too, the shapes the
+    model declares (nodes with unknown shapes then count nothing)."""
+    for sizes in ([feeds, None] if feeds else [None]):
+        static = skeleton(model)  # shapes only: the weights' values are not needed
+        _fix_input_dims(static.graph, sizes)
+        del static.graph.value_info[:]
+        try:
+            return Graph(infer_shapes(static))
+        except BadModelError:
+            log.warning("shapes do not infer at the %s input sizes",
+                        "calibration" if sizes else "batch-1")
+    return Graph(model)
+
+
+def _fix_input_dims(g: onnx.GraphProto, feeds: Mapping[str, np.ndarray] | None) -> None:
+    for vi in g.input:
+        dims = vi.type.tensor_type.shape.dim
+        shape = np.shape(feeds[vi.name]) if feeds and vi.name in feeds else None
+        if shape is not None and len(shape) != len(dims):
+            shape = None
+        for i, d in enumerate(dims):
+            if not d.HasField("dim_value"):
+                d.dim_value = int(shape[i]) if shape is not None else 1
 
 
 def latency_ms(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], runs: int) -> float:
     """Median wall time of `runs` onnxruntime runs after one warm-up."""
-    sess = session(model)
-    sess.run(None, dict(feeds))
+    go = runner(session(model), feeds)  # bfloat16 inputs need OrtValues
+    go()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        sess.run(None, dict(feeds))
+        go()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)

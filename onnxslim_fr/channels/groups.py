@@ -2,7 +2,8 @@
 
 Every tensor whose channel axis is understood gets a Layout; every node touching such a
 tensor gets a role. Residual Add/Sub/Mul joins the groups of its two inputs (union-find);
-anything not understood freezes the groups it touches, with the reason.
+anything not understood freezes the groups it touches, with the reason. A read is a read
+wherever it happens: a tensor an If/Loop/Scan body reads from the outer scope freezes too.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def build_groups(graph: Graph) -> GroupSet:
     ctx = AnalysisContext(graph)
     for node in graph.nodes:
         tracked = [ctx.layout(i) for i in node.input if ctx.layout(i) is not None]
+        _freeze_subgraph_reads(node, ctx)
         handler = handler_for(node)
         if handler is None:
             for lay in tracked:
@@ -43,6 +45,16 @@ def build_groups(graph: Graph) -> GroupSet:
     for name in graph.graph_outputs:
         ctx.freeze(ctx.layout(name), f"reaches graph output {name}")
     return ctx.finish()
+
+
+def _freeze_subgraph_reads(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    """An If/Loop/Scan body reading an outer tensor expects its width as it is: the sweep
+    does not follow channels into subgraphs, so those channels must stay."""
+    direct = set(node.input)
+    for name in ctx.graph.inputs_of(node):
+        if name not in direct:
+            ctx.freeze(ctx.layout(name), f"read inside the subgraph of {_op(node)} node "
+                                         f"{node.name}")
 
 
 def _freeze_shared_params(node: onnx.NodeProto, params: list[str], ctx: AnalysisContext) -> None:

@@ -3,6 +3,9 @@
 Every Conv/Gemm/MatMul costs ``base * kept_in/in * kept_out/out``: the fraction of input
 features it still reads times the fraction of output channels it still writes. That makes
 the cost of any allocation cheap to evaluate, so budgets are met by search, not estimate.
+The base costs are the handlers' (through `report.node_costs`, the figures the report
+prints), counted at the input sizes of `feeds`: with a dynamic height counted as 1 the
+convolutions would look free next to the MatMuls.
 """
 
 from __future__ import annotations
@@ -26,14 +29,15 @@ class _Term:
 
 
 class CostModel:
-    def __init__(self, graph: Graph, groups: GroupSet, target: str = "flops") -> None:
+    def __init__(self, graph: Graph, groups: GroupSet, target: str = "flops",
+                 feeds: Mapping[str, np.ndarray] | None = None) -> None:
         self.sizes = {g.id: g.size for g in groups.groups.values()}
         self.terms: list[_Term] = []
-        costs = node_costs(graph.model)
-        for node in graph.nodes:
-            if node.name not in costs:
+        costs = node_costs(graph.model, feeds)
+        for index, node in enumerate(graph.nodes):
+            if index not in costs:
                 continue
-            macs, params = costs[node.name]
+            macs, params = costs[index]
             roles = groups.roles.get(node.name, [])
             out = next((m for m in roles if m.role is Role.PRODUCER), None)
             carrier = next((m for m in roles if m.role is Role.CARRIER), None)

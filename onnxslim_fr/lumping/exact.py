@@ -85,6 +85,8 @@ def _offsets_fold(rep: int, j: int, points: list[str], rels: dict[str, Relation]
                   folds: dict[str, bool]) -> bool:
     for n in points:
         r = rels[n]
+        if r.lam[rep] == 0 or r.lam[j] == 0:  # relations keep lam nonzero; never divide by 0
+            return False
         ratio = r.lam[j] / r.lam[rep]
         if not folds[n] and not _small(r.mu[j] - ratio * r.mu[rep], abs(r.mu[j]) + 1.0):
             return False

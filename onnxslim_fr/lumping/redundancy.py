@@ -17,7 +17,7 @@ Every order gives an error curve error(k); the budget allocates k per group glob
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,14 +186,16 @@ def _sensitivity(gm: GroupModel, order: list[int], curve: np.ndarray, probe: Pro
 
 def plan(graph: Graph, groups: GroupSet, stats: ChannelStats, *, fraction: float,
          method: str = "lfrns", target: str = "flops", threshold: float = 0.05,
-         compensate: bool = True, probe: Probe | None = None) -> Plan:
+         compensate: bool = True, probe: Probe | None = None,
+         feeds: Mapping[str, np.ndarray] | None = None) -> Plan:
     """Plans that bring the model's cost to `fraction` of its current cost (0 < f <= 1).
 
     `probe(plans)` measures the real output error of a trial plan; when given, each group's
     predicted error curve is rescaled by one measurement at half its channels, so layers
-    whose errors grow on the way to the output are spared (sensitivity calibration)."""
+    whose errors grow on the way to the output are spared (sensitivity calibration).
+    Costs are counted at the input sizes of `feeds` (one sample of the calibration data)."""
     models = {gm.group.id: gm for gm in group_models(graph, groups, stats)}
-    cost = CostModel(graph, groups, target)
+    cost = CostModel(graph, groups, target, feeds)
     budget = fraction * cost.total()
     if method == "magnitude":
         kept = uniform(cost, list(models), budget)

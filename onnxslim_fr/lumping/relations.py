@@ -117,7 +117,22 @@ def compute(graph: Graph, groups: GroupSet) -> dict[str, Relation]:
             rel[out] = _produce(handler.weight(node, graph), handler.bias(node, graph), ids)
         else:
             rel[out] = _through(node, graph, groups, rel, ids)
+        rel[out] = _settled(rel[out], ids)
     return rel
+
+
+def _settled(r: Relation, ids: _Ids) -> Relation:
+    """Keep the invariant planners divide by: a related channel has a finite, nonzero lam.
+    ``0 * E + mu`` is the constant mu; a channel whose lam or mu is not finite (an overflow,
+    a division by a zero constant) is related to nothing and gets an expression of its own."""
+    lost = ~(np.isfinite(r.lam) & np.isfinite(r.mu))
+    const = (r.cls == CONST) | ((r.lam == 0) & ~lost)
+    if not lost.any() and np.array_equal(const, r.cls == CONST):
+        return r
+    cls = np.where(const, CONST, r.cls)
+    cls[lost] = ids.fresh(int(lost.sum()))
+    lam = np.where(lost, 1.0, np.where(const, 0.0, r.lam))
+    return Relation(cls, lam, np.where(lost, 0.0, r.mu))
 
 
 def _produce(weight: np.ndarray, bias: np.ndarray, ids: _Ids) -> Relation:
@@ -187,6 +202,9 @@ def _activation(r: Relation, t: Activation, ids: _Ids) -> Relation:
 
 
 def _spatial(r: Relation, t: Spatial, ids: _Ids) -> Relation:
+    if t.border and not t.keeps_offset:  # P_c(x) = P_0(x - c) + c: relate x - c, not x
+        inner = _spatial(Relation(r.cls, r.lam, r.mu - t.border), Spatial(t.linear, False), ids)
+        return Relation(inner.cls, inner.lam, inner.mu + t.border)
     const = r.cls == CONST
     if t.keeps_offset:
         keys = [r.cls] if t.linear else [r.cls, np.sign(r.lam)]
@@ -223,9 +241,11 @@ def _depthwise(r: Relation, t: Depthwise, ids: _Ids) -> Relation:
 
 
 def _normalize(r: Relation, t: Normalize, ids: _Ids) -> Relation:
-    const = r.cls == CONST
-    cls = ids.label(r.cls, np.where(const, 0.0, r.lam))
+    """scale * norm(x) + shift: a constant input normalizes to 0 and a zero scale drops the
+    input, so both leave the constant `shift` (not a 0/0 multiple of the others)."""
     scale, shift = np.broadcast_to(t.scale, len(r)), np.broadcast_to(t.shift, len(r))
+    const = (r.cls == CONST) | (scale == 0)
+    cls = ids.label(r.cls, np.where(const, 0.0, r.lam))
     return Relation(np.where(const, CONST, cls), np.where(const, 0.0, scale), shift.copy())
 
 

@@ -31,11 +31,15 @@ class _ParamCarrier(OpHandler):
     """Output layout = input 0 layout; listed inputs are per-channel vectors to slice."""
 
     slots: tuple[int, ...] = ()
+    axis: int | None = None  # the axis the op's parameters run along, when fixed by the op
 
     def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         lay = ctx.layout(node.input[0])
         if lay is None:
             raise Unsupported(f"{node.op_type} parameters are computed, not constant")
+        if self.axis is not None and lay.axis != self.axis:
+            raise Unsupported(f"{node.op_type} normalizes axis {self.axis}, channels are on "
+                              f"axis {lay.axis}")
         require_plain(ctx, node.input[0])
         for i in self.slots:
             if ctx.graph.const(node.input[i]) is None:
@@ -63,6 +67,7 @@ def _kept_shape(value: np.ndarray, keep: np.ndarray) -> tuple[int, ...]:
 class BatchNormHandler(_ParamCarrier):
     ops = ("BatchNormalization",)
     slots = (1, 2, 3, 4)
+    axis = 1
 
     def transfer(self, node: onnx.NodeProto, graph: Graph) -> Transfer:
         scale, b, mean, var = (graph.const(node.input[i]).astype(np.float64) for i in self.slots)
@@ -73,6 +78,7 @@ class BatchNormHandler(_ParamCarrier):
 class InstanceNormHandler(_ParamCarrier):
     ops = ("InstanceNormalization",)
     slots = (1, 2)
+    axis = 1
 
     def transfer(self, node: onnx.NodeProto, graph: Graph) -> Transfer:
         return Normalize(*(graph.const(node.input[i]).astype(np.float64) for i in self.slots))

@@ -2,7 +2,9 @@
 
 A handler knows one op family: how channels flow through it (`propagate`), which
 initializers a rewrite would edit (`params`), what it does to each channel (`transfer`),
-and how to apply a plan to its weights (`rewrite`).
+how to apply a plan to its weights (`rewrite`), and what one run of the op costs and how
+many channels it writes (`cost`, `out_channels`), so the report and the budget count
+exactly what the rewrite changes.
 """
 
 from __future__ import annotations
@@ -60,10 +62,12 @@ class Activation:
 class Spatial:
     """Pooling, Pad, Resize: per-channel maps over positions. `linear` ops commute with
     scaling of either sign, max-like ones only with positive scaling; `keeps_offset` is
-    False when zero padding makes borders differ from a constant shift."""
+    False when padding makes borders differ from a constant shift. The padded borders hold
+    `border` (Pad's constant value): ``P_c(x) = P_0(x - c) + c``."""
 
     linear: bool
     keeps_offset: bool
+    border: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,9 @@ class Passthrough:
 
 Transfer = Affine | Activation | Spatial | Depthwise | Normalize | Join | Passthrough
 
+#: Shape of a tensor at the sizes being costed (None: unknown rank or dimension).
+ShapeOf = Callable[[str], tuple[int | None, ...] | None]
+
 
 class OpHandler:
     """Default: an op that only moves channels. Subclasses override what they know."""
@@ -118,6 +125,22 @@ class OpHandler:
 
     def rewrite(self, node: onnx.NodeProto, rw: RewriteContext) -> None:
         """Apply the plans to this node's parameters; default: nothing to edit."""
+
+    def cost(self, node: onnx.NodeProto, graph: Graph, shape_of: ShapeOf
+             ) -> tuple[int, int] | None:
+        """(multiply-accumulates, weight elements) of one run at the shapes `shape_of` gives;
+        `graph` tells which inputs are constant. None: the op is not counted (element-wise
+        and per-channel ops cost next to nothing against the linear ops)."""
+        return None
+
+    def out_channels(self, node: onnx.NodeProto, graph: Graph) -> int | None:
+        """Channels this node writes when it is a producer with constant weights, else None."""
+        return None
+
+
+def known(shape: tuple[int | None, ...] | None) -> bool:
+    """A shape whose every dimension is known."""
+    return shape is not None and all(d is not None for d in shape)
 
 
 def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:

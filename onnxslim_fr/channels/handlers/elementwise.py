@@ -2,7 +2,8 @@
 
 `kind` tells exact lumping what survives f: positive multiples through positively
 homogeneous f (ReLU, LeakyReLU), sign flips through odd f (tanh, erf), exact duplicates
-through any f. `fn` evaluates f on constants so constant channels fold exactly.
+through any f. `fn` evaluates f on constants so constant channels fold exactly: with the
+op's own formula (Gelu's tanh approximation) and rounding (Cast to float16 / bfloat16).
 """
 
 from __future__ import annotations
@@ -60,7 +61,11 @@ def _general(node: onnx.NodeProto, graph: Graph, a: float) -> Fn:
         lo, hi = _clip_bounds(node, graph)
         return lambda x: np.clip(x, lo, hi)
     if op == "Gelu":
+        if _text(attr(node, "approximate", "none")) == "tanh":
+            return lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
         return lambda x: 0.5 * x * (1 + erf(x / np.sqrt(2)))
+    if op == "Cast":
+        return _cast(int(attr(node, "to", onnx.TensorProto.FLOAT)))
     table: dict[str, Fn] = {
         "Sigmoid": _sigmoid,
         "HardSwish": lambda x: x * np.clip(x / 6 + 0.5, 0.0, 1.0),
@@ -68,9 +73,32 @@ def _general(node: onnx.NodeProto, graph: Graph, a: float) -> Fn:
         "Mish": lambda x: x * np.tanh(_softplus(x)),
         "Exp": np.exp,
         "Abs": np.abs,
-        "Cast": lambda x: x,
     }
     return table[op]
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _cast(to: int) -> Fn:
+    """Round a constant through the target type, as the runtime will (round to nearest
+    even; bfloat16 keeps float32's exponent and 7 mantissa bits)."""
+    if to == onnx.TensorProto.FLOAT16:
+        return lambda x: np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float64)
+    if to == onnx.TensorProto.BFLOAT16:
+        return _to_bfloat16
+    if to == onnx.TensorProto.FLOAT:
+        return lambda x: np.asarray(x, dtype=np.float32).astype(np.float64)
+    return lambda x: np.asarray(x, dtype=np.float64)
+
+
+def _to_bfloat16(x: np.ndarray) -> np.ndarray:
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    finite = np.isfinite(np.asarray(x, dtype=np.float32))
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    out = np.where(finite, rounded, bits).astype(np.uint32).view(np.float32)
+    return out.astype(np.float64)
 
 
 def _clip_bounds(node: onnx.NodeProto, graph: Graph) -> tuple[float, float]:

@@ -14,7 +14,16 @@ from ...graph import Graph
 from ..context import AnalysisContext
 from ..layout import Layout, Segment
 from ..structures import Role, Unsupported
-from .base import Depthwise, OpHandler, RewriteContext, Transfer, attr, require_plain
+from .base import (
+    Depthwise,
+    OpHandler,
+    RewriteContext,
+    ShapeOf,
+    Transfer,
+    attr,
+    known,
+    require_plain,
+)
 
 
 class LinearHandler(OpHandler):
@@ -51,6 +60,15 @@ class LinearHandler(OpHandler):
     def _weight_const(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray | None:
         return graph.const(node.input[1]) if len(node.input) > 1 else None
 
+    @staticmethod
+    def _constant_elements(names: list[str], graph: Graph) -> int:
+        """Weight elements: the constant operands among `names` (activations count 0)."""
+        return sum(_prod(graph.shape(n)) for n in names if n in graph.initializers)
+
+    def _constant_shape(self, node: onnx.NodeProto, graph: Graph) -> tuple[int, ...] | None:
+        name = node.input[1] if len(node.input) > 1 else ""
+        return tuple(graph.shape(name)) if name in graph.initializers else None
+
     def _produce(self, node: onnx.NodeProto, ctx: AnalysisContext, axis: int, n: int) -> None:
         ctx.set_layout(node.output[0], Layout(axis, (Segment(ctx.new_group(n), n),)))
         ctx.add_member(node, Role.PRODUCER, node.output[0])
@@ -79,6 +97,8 @@ class ConvHandler(LinearHandler):
             self._produce(node, ctx, 1, w.shape[0])
         elif self._depthwise(node, w):
             lay = ctx.layout(node.input[0])
+            if lay.axis != 1:
+                raise Unsupported(f"depthwise Conv filters axis 1, channels are on axis {lay.axis}")
             require_plain(ctx, node.input[0])
             ctx.set_layout(node.output[0], lay)
             ctx.add_member(node, Role.CARRIER, node.output[0])
@@ -95,6 +115,19 @@ class ConvHandler(LinearHandler):
 
     def params(self, node: onnx.NodeProto, graph: Graph) -> list[str]:
         return [n for n in node.input[1:3] if n]
+
+    def cost(self, node: onnx.NodeProto, graph: Graph, shape_of: ShapeOf
+             ) -> tuple[int, int] | None:
+        """Each output element reads Cin/group channels over the kernel: the weight's
+        (Cin/group, *kernel) block, so grouped and depthwise Conv come out right."""
+        out, w = shape_of(node.output[0]), shape_of(node.input[1])
+        if not known(out) or not known(w):
+            return None
+        return _prod(out) * _prod(w[1:]), self._constant_elements(node.input[1:2], graph)
+
+    def out_channels(self, node: onnx.NodeProto, graph: Graph) -> int | None:
+        w = self._constant_shape(node, graph)
+        return int(w[0]) if w else None
 
     def weight(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray:
         return graph.const(node.input[1])
@@ -150,6 +183,21 @@ class GemmHandler(LinearHandler):
     def params(self, node: onnx.NodeProto, graph: Graph) -> list[str]:
         return [n for n in node.input[1:3] if n]
 
+    def cost(self, node: onnx.NodeProto, graph: Graph, shape_of: ShapeOf
+             ) -> tuple[int, int] | None:
+        """(M, K) x (K, N): M*N outputs of K products each; K is A's axis 0 under transA."""
+        a, out = shape_of(node.input[0]), shape_of(node.output[0])
+        if not known(a) or len(a) != 2 or not known(out):
+            return None
+        k = a[0] if attr(node, "transA", 0) else a[1]
+        return _prod(out) * int(k), self._constant_elements(node.input[1:2], graph)
+
+    def out_channels(self, node: onnx.NodeProto, graph: Graph) -> int | None:
+        w = self._constant_shape(node, graph)
+        if w is None or len(w) != 2:
+            return None
+        return int(w[0] if attr(node, "transB", 0) else w[1])
+
     def _raw(self, node: onnx.NodeProto, w: np.ndarray) -> np.ndarray:
         return w if attr(node, "transB", 0) else w.T
 
@@ -190,6 +238,19 @@ class MatMulHandler(LinearHandler):
     def params(self, node: onnx.NodeProto, graph: Graph) -> list[str]:
         return [node.input[1]]
 
+    def cost(self, node: onnx.NodeProto, graph: Graph, shape_of: ShapeOf
+             ) -> tuple[int, int] | None:
+        """Every output element is a dot product over A's last axis K, whether B is a weight
+        or another activation (attention); only constant operands count as parameters."""
+        a, out = shape_of(node.input[0]), shape_of(node.output[0])
+        if not known(a) or not a or not known(out):
+            return None
+        return _prod(out) * int(a[-1]), self._constant_elements(list(node.input[:2]), graph)
+
+    def out_channels(self, node: onnx.NodeProto, graph: Graph) -> int | None:
+        w = self._constant_shape(node, graph)
+        return int(w[-1]) if w is not None and len(w) >= 2 else None
+
     def weight(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray:
         return graph.const(node.input[1]).T
 
@@ -201,6 +262,10 @@ class MatMulHandler(LinearHandler):
         rw.stage(node.input[1], np.ascontiguousarray(w.T))
         if b is not None:
             rw.bias_after[node.name] = b
+
+
+def _prod(shape: tuple[int | None, ...] | None) -> int:
+    return int(np.prod(shape, dtype=np.int64)) if shape else 1
 
 
 def _add_bias(b: np.ndarray | None, delta: np.ndarray, dtype: np.dtype) -> np.ndarray | None:

@@ -1,8 +1,9 @@
 """Pooling, Pad, Resize and spatial reductions: each channel is mapped over positions alone.
 
 Average-like ops are linear, so scaling of either sign and constant shifts pass through;
-max-like ops commute with positive scaling only. Zero padding (Pad, pooling that counts
-pads) breaks constant shifts at the borders.
+max-like ops commute with positive scaling only. Constant padding (Pad, pooling that counts
+pads) breaks constant shifts at the borders, and a nonzero pad value c breaks scaling too:
+``Pad_c(x) = Pad_0(x - c) + c``, so 2x stays related to x only when c == 0.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class PoolHandler(OpHandler):
     def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         lay = ctx.layout(node.input[0])
         if lay.axis != 1:
-            raise Unsupported(f"{node.op_type} on channels at axis {lay.axis}")
+            raise Unsupported(f"{node.op_type} pools per channel of axis 1, channels are on "
+                              f"axis {lay.axis}")
         require_plain(ctx, node.input[0])
         if len(node.output) > 1 and ctx.graph.consumers.get(node.output[1]):
             raise Unsupported("MaxPool indices are used")
@@ -82,8 +84,17 @@ class PadHandler(OpHandler):
         rank = ctx.rank(node.input[0])
         if pads is None or pads[lay.axis] or pads[lay.axis + rank]:
             raise Unsupported("Pad along the channel axis (or pads not constant)")
+        if len(node.input) > 2 and node.input[2] and ctx.graph.const(node.input[2]) is None:
+            raise Unsupported("Pad value is not constant")
         require_plain(ctx, node.input[0])
         ctx.set_layout(node.output[0], lay)
+
+    @staticmethod
+    def _value(node: onnx.NodeProto, graph: Graph) -> float:
+        """The border value: input 2 from opset 11, the `value` attribute before."""
+        if len(node.input) > 2 and node.input[2]:
+            return float(graph.const(node.input[2]).reshape(-1)[0])
+        return float(attr(node, "value", 0.0))
 
     @staticmethod
     def _pads(node: onnx.NodeProto, graph: Graph) -> list[int] | None:
@@ -96,9 +107,9 @@ class PadHandler(OpHandler):
         return pads
 
     def transfer(self, node: onnx.NodeProto, graph: Graph) -> Transfer:
-        mode = attr(node, "mode", b"constant")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
-        return Spatial(linear=True, keeps_offset=mode != "constant")
+        if _text(node, "mode", "constant") != "constant":  # edge / reflect / wrap copy values
+            return Spatial(linear=True, keeps_offset=True)
+        return Spatial(linear=True, keeps_offset=False, border=self._value(node, graph))
 
 
 class ResizeHandler(OpHandler):
@@ -116,7 +127,17 @@ class ResizeHandler(OpHandler):
         ctx.set_layout(node.output[0], lay)
 
     def transfer(self, node: onnx.NodeProto, graph: Graph) -> Transfer:
+        """Interpolation weights sum to 1, so shifts pass, except where tf_crop_and_resize
+        samples outside the image and writes `extrapolation_value` instead."""
+        if _text(node, "coordinate_transformation_mode", "") == "tf_crop_and_resize":
+            return Spatial(linear=True, keeps_offset=False,
+                           border=float(attr(node, "extrapolation_value", 0.0)))
         return Spatial(linear=True, keeps_offset=True)
+
+
+def _text(node: onnx.NodeProto, name: str, default: str) -> str:
+    value = attr(node, name, default)
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 HANDLERS = (PoolHandler(), ReduceHandler(), PadHandler(), ResizeHandler())

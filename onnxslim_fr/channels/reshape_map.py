@@ -1,0 +1,98 @@
+"""Where a Reshape sends the channel axis, from symbolic input and output shapes alone.
+
+Exporters compute Reshape targets (``Shape -> Gather -> Concat -> Reshape``), so the target
+is rarely a constant; onnx's data propagation still gives the output shape with symbols
+for the dynamic dimensions (``['B', 'T', 4, 16]``). Matching the two shapes block by block
+(runs of axes with equal products; a symbol only matches itself) tells whether the channel
+axis is kept, merged with its neighbours (a flatten) or split into two axes (attention
+heads), which is all the channel analysis needs.
+
+Worked example: ``[B, 64, 4, 4] -> [B, 1024]`` is the blocks ``[B] -> [B]`` and
+``[64, 4, 4] -> [1024]``: channel axis 1 is merged with 16 positions after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class AxisMove:
+    """What happens to input axis `axis`: it lands in output axes `out_axes` (one axis
+    when kept or merged, two or more when split); `outer` / `inner` are the static element
+    counts merged before / after it (1 when kept or split)."""
+
+    out_axes: tuple[int, ...]
+    outer: int
+    inner: int
+    split: tuple[int, ...] = ()
+
+    @property
+    def kept(self) -> bool:
+        return len(self.out_axes) == 1 and self.outer == 1 and self.inner == 1
+
+
+def blocks(src: list[Dim], dst: list[Dim]) -> list[tuple[range, range]] | None:
+    """Pair runs of input and output axes with equal products; None when they do not
+    line up (an unknown or mismatched symbol, or different totals)."""
+    out: list[tuple[range, range]] = []
+    i = j = 0
+    while i < len(src) or j < len(dst):
+        if i < len(src) and j < len(dst) and isinstance(src[i], str) and src[i] == dst[j]:
+            out.append((range(i, i + 1), range(j, j + 1)))
+            i, j = i + 1, j + 1
+            continue
+        start_i, start_j, a, b = i, j, 1, 1
+        while True:
+            if a == b and i > start_i and j > start_j:
+                break
+            if a <= b and i < len(src) and isinstance(src[i], int):
+                a, i = a * src[i], i + 1
+            elif j < len(dst) and isinstance(dst[j], int):
+                b, j = b * dst[j], j + 1
+            elif i < len(src) and isinstance(src[i], int):
+                a, i = a * src[i], i + 1
+            else:
+                return None
+        # size-1 axes on either side join the block before them
+        while i < len(src) and src[i] == 1 and not (j < len(dst) and dst[j] == 1):
+            i += 1
+        while j < len(dst) and dst[j] == 1 and not (i < len(src) and src[i] == 1):
+            j += 1
+        out.append((range(start_i, i), range(start_j, j)))
+    return out
+
+
+def move_axis(src: list[Dim], dst: list[Dim], axis: int) -> AxisMove | None:
+    """Where `axis` of `src` goes in `dst`; None when it cannot be told (then channels
+    may mix and the caller freezes)."""
+    if not isinstance(src[axis], int):
+        return None
+    pairs = blocks(src, dst)
+    if pairs is None:
+        return None
+    for ins, outs in pairs:
+        if axis not in ins:
+            continue
+        real_in = [a for a in ins if src[a] != 1 or a == axis]
+        real_out = [b for b in outs if dst[b] != 1]
+        if len(real_in) == 1 and len(real_out) == 1:
+            return AxisMove((real_out[0],), 1, 1)
+        if len(real_in) == 1:  # one axis split into several
+            return AxisMove(tuple(real_out), 1, 1, tuple(int(dst[b]) for b in real_out))
+        if len(real_out) <= 1:  # several axes merged into one
+            outer = _prod(src[a] for a in ins if a < axis)
+            inner = _prod(src[a] for a in ins if a > axis)
+            target = real_out[0] if real_out else outs.start
+            return AxisMove((target,), outer, inner)
+        return None  # several into several: channels and positions interleave
+    return None
+
+
+def _prod(dims) -> int:
+    total = 1
+    for d in dims:
+        total *= int(d)
+    return total
