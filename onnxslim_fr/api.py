@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,9 +14,10 @@ from . import calibrate, model_io, refit, report, rewrite, validate
 from .channels import GroupSet, Role, build_groups
 from .channels.handlers import handler_for
 from .errors import BadDataError, ValidationError
-from .graph import Graph, normalize
+from .feeds import validation_feeds
+from .graph import Graph, name_nodes, normalize
 from .lumping import exact, redundancy
-from .testing import random_feeds
+from .options import check_arguments, check_labels, check_source
 
 log = logging.getLogger(__name__)
 
@@ -45,48 +47,60 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
          sequential_refit: bool = True,
          batch_size: int = 64, max_samples: int | None = None,
          input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-         tolerance: float = 1e-4, latency_runs: int = 10, seed: int = 0) -> SlimResult:
+         tolerance: float | None = None, latency_runs: int = 10, seed: int = 0) -> SlimResult:
     """Exact lumping, then (with `data`) functional-redundancy merging within a budget.
 
     `ratio` removes that fraction of the model's FLOPs (`target="params"`: parameters);
     `max_error` / `max_accuracy_drop` take the largest reduction that stays within them on
-    `holdout` (or `data`). The exact part is validated on random inputs: over `tolerance`
-    raises ValidationError and nothing is written.
+    `holdout` (or `data`). The exact part is validated on inputs that exercise every branch
+    (and on the first calibration samples): over `tolerance` (None: by the model's float
+    type, see validate.default_tolerance) raises ValidationError and nothing is written.
     """
-    original = model_io.load(model)
+    check_arguments(
+        model=model, output=output, data=data, holdout=holdout, ratio=ratio,
+        max_error=max_error, max_accuracy_drop=max_accuracy_drop, target=target, method=method,
+        threshold=threshold, batch_size=batch_size, max_samples=max_samples,
+        input_shapes=input_shapes, tolerance=tolerance)
+    source = model_io.read(model)
+    check_source(source, output, input_shapes)
+    original = name_nodes(source.model)  # onnxruntime refuses repeated node names
+    tolerance = validate.default_tolerance(original) if tolerance is None else tolerance
+    calib = None if data is None else calibrate.load_data(
+        data, original, batch_size=batch_size, max_samples=max_samples)
     work, first, rounds, methods = _exact(normalize(model_io.load(original)))
-    randoms = [random_feeds(original, shapes=input_shapes, seed=seed + i) for i in range(3)]
-    exact_cmp = validate.compare(original, work, randoms)
-    if exact_cmp.max_rel_error > tolerance:
-        raise ValidationError(f"slimmed model differs from the original: relative error "
-                              f"{exact_cmp.max_rel_error:.3g} > {tolerance:g}; nothing written")
+    randoms = validation_feeds(original, input_shapes, seed=seed,
+                               fallback=calib.batches if calib else ())
+    exact_cmp = validate.compare(original, work, randoms + (calib.head(64) if calib else []))
+    if not exact_cmp.within(tolerance):
+        raise ValidationError(exact_cmp.failure(tolerance))
     notes: list[str] = []
-    check_set, labels = randoms, None
+    check_set, labels, cost_feeds = randoms, None, randoms[0]
     if data is not None:
-        calib = calibrate.load_data(data, original, batch_size=batch_size,
-                                    max_samples=max_samples)
-        held = calibrate.load_data(holdout, original, batch_size=batch_size) \
-            if holdout is not None else calib
+        cost_feeds = calib.head(1)[0]  # costs at the sizes the data has, batch 1
+        held = calibrate.load_data(holdout, original, batch_size=batch_size,
+                                   what="hold-out data") if holdout is not None else calib
+        check_labels(max_accuracy_drop, held.labels)
         check_set, labels = held.batches, held.labels
         options = dict(method=method, target=target, threshold=threshold,
-                       compensate=compensate, refit=sequential_refit)
+                       compensate=compensate, refit=sequential_refit, feeds=cost_feeds)
         work = _redundant(original, work, calib, held, ratio, max_error, max_accuracy_drop,
                           options, notes, methods)
-    elif ratio is not None or max_error is not None or max_accuracy_drop is not None:
-        raise BadDataError("--ratio / --max-error need calibration data (--data)")
     elif not any(m == "exact" for m in methods.values()):
         work = original  # nothing to gain: hand back the model exactly as it came
     cmp = exact_cmp if data is None else validate.compare(original, work, check_set, labels)
+    if not math.isfinite(cmp.max_rel_error):  # NaN/Inf or a shape change: damage, not error
+        raise ValidationError(cmp.failure(tolerance))
     rep = report.Report(
-        before=report.figures(original, randoms[0], latency_runs=latency_runs),
-        after=report.figures(work, randoms[0], latency_runs=latency_runs),
+        before=report.figures(original, cost_feeds, latency_runs=latency_runs),
+        after=report.figures(work, cost_feeds, latency_runs=latency_runs),
         max_abs_error=cmp.max_abs_error, max_rel_error=cmp.max_rel_error,
         groups=_group_rows(first, Graph(work), methods), rounds=rounds,
         top1_agreement=cmp.top1_agreement, accuracy_before=cmp.accuracy_before,
         accuracy_after=cmp.accuracy_after, exact_max_rel_error=exact_cmp.max_rel_error,
-        notes=notes)
+        notes=notes, output_errors=cmp.output_rows())
     if output is not None:
-        model_io.save_atomic(work, output)
+        model_io.save_atomic(work, output, ir_version=source.ir_version,
+                             external=source.external)
     return SlimResult(work, rep, first)
 
 
@@ -117,7 +131,8 @@ def _redundant(original: onnx.ModelProto, work: onnx.ModelProto, calib: calibrat
     graph = Graph(work)
     groups = build_groups(graph)
     stats = calibrate.collect(work, groups, calib)
-    base, now = report.flops(original), report.flops(work)
+    feeds = options["feeds"]
+    base, now = report.flops(original, feeds), report.flops(work, feeds)
     probe = validate.output_error_probe(work, graph, groups, calib.head(_probe_samples(
         calib.samples, len(groups.active()))))
 
@@ -144,7 +159,7 @@ def _redundant(original: onnx.ModelProto, work: onnx.ModelProto, calib: calibrat
             return work
         result = slimmed(fraction)
         reached = report.params(result) if options["target"] == "params" else \
-            report.flops(result)
+            report.flops(result, feeds)
         if reached > (1 - ratio) * base * 1.02:
             notes.append(f"budget not met: reached {reached / base:.3f} of the original "
                          f"{options['target']} (frozen groups limit the reduction)")
@@ -206,4 +221,5 @@ def _group_rows(groups: GroupSet, final: Graph | None, methods: dict[str, str]) 
 def _out_channels(graph: Graph, node_name: str, default: int) -> int:
     node = next((n for n in graph.nodes if n.name == node_name), None)
     handler = handler_for(node) if node is not None else None
-    return int(handler.weight(node, graph).shape[0]) if handler is not None else default
+    kept = handler.out_channels(node, graph) if handler is not None else None
+    return default if kept is None else kept

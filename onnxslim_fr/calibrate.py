@@ -23,7 +23,7 @@ from .channels.structures import GroupSet
 from .errors import BadDataError
 from .graph import Graph
 from .lumping.consumers import segment_of
-from .runtime import input_specs, session
+from .runtime import input_specs, is_float, session
 
 DataSource = str | os.PathLike[str] | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]
 LABELS = "labels"
@@ -53,21 +53,31 @@ class Dataset:
 
 
 def load_data(source: DataSource, model: onnx.ModelProto, *, batch_size: int = 64,
-              max_samples: int | None = None) -> Dataset:
-    """Read and check calibration or hold-out data against the model's inputs."""
+              max_samples: int | None = None, what: str = "calibration data") -> Dataset:
+    """Read and check calibration or hold-out data (`what`, for messages) against the
+    model's inputs: names, shapes, dtypes, ranges, labels; empty data is refused."""
     specs = input_specs(model)
     if isinstance(source, str | os.PathLike):
         source = _read_file(Path(source))
     if isinstance(source, Mapping):
-        return _from_arrays(dict(source), specs, batch_size, max_samples)
+        return _from_arrays(dict(source), specs, batch_size, max_samples, what)
     if hasattr(source, "get_next"):
         source = iter(source.get_next, None)
+    if not isinstance(source, Iterable):
+        raise BadDataError(f"{what} must be a .npz/.npy path, a dict of arrays, an iterable of "
+                           f"feed dicts or a CalibrationDataReader, not {type(source).__name__}")
     batches, labels, seen = [], [], 0
     for feeds in source:
+        if not isinstance(feeds, Mapping):
+            raise BadDataError(f"{what}: each item must be a dict of input name -> array, "
+                               f"not {type(feeds).__name__}")
         feeds = dict(feeds)
         label = feeds.pop(LABELS, None)
-        batch = _checked(feeds, specs)
+        batch = _checked(feeds, specs, what)
         n = len(next(iter(batch.values())))
+        label = None if label is None else _labels(label, n)
+        if n == 0:
+            continue
         if max_samples is not None and seen + n > max_samples:
             batch = {k: v[: max_samples - seen] for k, v in batch.items()}
             label = None if label is None else label[: max_samples - seen]
@@ -77,7 +87,7 @@ def load_data(source: DataSource, model: onnx.ModelProto, *, batch_size: int = 6
         if max_samples is not None and seen >= max_samples:
             break
     if not batches:
-        raise BadDataError("calibration data is empty")
+        raise BadDataError(f"{what} is empty (no samples)")
     have = [lab for lab in labels if lab is not None]
     return Dataset(batches, np.concatenate(have) if len(have) == len(labels) else None)
 
@@ -95,41 +105,84 @@ def _read_file(path: Path) -> dict[str, np.ndarray]:
 
 
 def _from_arrays(arrays: dict[str, np.ndarray], specs: dict, batch_size: int,
-                 max_samples: int | None) -> Dataset:
+                 max_samples: int | None, what: str = "calibration data") -> Dataset:
     labels = arrays.pop(LABELS, None)
     if len(specs) == 1 and len(arrays) == 1:
         arrays = {next(iter(specs)): next(iter(arrays.values()))}
-    full = _checked(arrays, specs)
+    full = _checked(arrays, specs, what)
     n = len(next(iter(full.values())))
-    if labels is not None and len(labels) != n:
-        raise BadDataError(f"labels has {len(labels)} entries for {n} samples")
+    if n == 0:
+        raise BadDataError(f"{what} is empty (no samples)")
+    labels = None if labels is None else _labels(labels, n)
     n = min(n, max_samples) if max_samples else n
     batches = [{k: v[i:i + batch_size] for k, v in full.items()} for i in range(0, n, batch_size)]
-    return Dataset(batches, None if labels is None else np.asarray(labels)[:n])
+    return Dataset(batches, None if labels is None else labels[:n])
 
 
-def _checked(feeds: dict[str, np.ndarray], specs: dict) -> dict[str, np.ndarray]:
+def _labels(labels: object, samples: int) -> np.ndarray:
+    """Class ids, one per sample: accuracy compares them with an arg-max."""
+    array = np.asarray(labels)
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        shape = "x".join(map(str, array.shape)) or "scalar"
+        raise BadDataError(f"labels must be a 1-D array of integer class ids, got {array.dtype} "
+                           f"of shape {shape}")
+    if len(array) != samples:
+        raise BadDataError(f"labels has {len(array)} entries for {samples} samples")
+    return array
+
+
+def _checked(feeds: dict[str, np.ndarray], specs: dict,
+             what: str = "calibration data") -> dict[str, np.ndarray]:
+    if not feeds:
+        raise BadDataError(f"{what} is empty (no arrays)")
     missing = sorted(set(specs) - set(feeds))
     extra = sorted(set(feeds) - set(specs))
     if missing or extra:
         raise BadDataError(f"data inputs {sorted(feeds)} do not match the model's "
                            f"{sorted(specs)}" + (f" (missing {missing})" if missing else ""))
-    out = {}
-    for name, (dims, dtype) in specs.items():
-        value = np.asarray(feeds[name])
-        if np.issubdtype(dtype, np.floating) != np.issubdtype(value.dtype, np.floating) or \
-                value.dtype.kind not in "fiub":
-            raise BadDataError(f"input {name} has dtype {value.dtype}, model expects "
-                               f"{np.dtype(dtype)}")
-        if value.ndim != len(dims) or any(d is not None and d != s
-                                          for d, s in zip(dims[1:], value.shape[1:], strict=True)):
-            want = "x".join("?" if d is None else str(d) for d in dims)
-            raise BadDataError(f"input {name} has shape {'x'.join(map(str, value.shape))}, "
-                               f"model expects {want}")
-        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
-            raise BadDataError(f"input {name} contains NaN or Inf")
-        out[name] = value.astype(dtype, copy=False)
+    out = {name: _fitted(name, np.asarray(feeds[name]), dims, np.dtype(dtype))
+           for name, (dims, dtype) in specs.items()}
+    counts = {name: len(value) for name, value in out.items()}
+    if len(set(counts.values())) > 1:
+        raise BadDataError(f"inputs have different numbers of samples: {counts}")
     return out
+
+
+def _fitted(name: str, value: np.ndarray, dims: tuple, dtype: np.dtype) -> np.ndarray:
+    """`value` in the model's dtype; refused when its kind, shape or range does not fit
+    (a float64 1e39 would silently become inf in float32, an int64 wrap in int32)."""
+    if is_float(dtype) != is_float(value.dtype) or \
+            not (is_float(value.dtype) or value.dtype.kind in "iub"):
+        raise BadDataError(f"input {name} has dtype {value.dtype}, model expects {dtype}")
+    if value.ndim == 0:
+        raise BadDataError(f"input {name} is a scalar: data needs a first axis of samples")
+    if value.ndim != len(dims) or any(d is not None and d != s
+                                      for d, s in zip(dims[1:], value.shape[1:], strict=True)):
+        want = "x".join("?" if d is None else str(d) for d in dims)
+        raise BadDataError(f"input {name} has shape {'x'.join(map(str, value.shape))}, "
+                           f"model expects {want}")
+    if is_float(value.dtype) and not _finite(value):
+        raise BadDataError(f"input {name} contains NaN or Inf")
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = value.astype(dtype, copy=False)
+    if is_float(dtype) and not _finite(cast):
+        raise BadDataError(f"input {name} has values beyond the range of {dtype} (largest "
+                           f"magnitude {float(np.abs(value).max()):.3g})")
+    if dtype.kind in "iu" and value.size and value.dtype.kind != "b":
+        info = np.iinfo(dtype)
+        low, high = value.min(), value.max()
+        if low < info.min or high > info.max:
+            raise BadDataError(f"input {name} has values in [{low}, {high}], beyond the range "
+                               f"of {dtype} [{info.min}, {info.max}]")
+    if dtype.kind == "b" and value.dtype.kind != "b" and not np.isin(value, (0, 1)).all():
+        raise BadDataError(f"input {name} is boolean, but the data has values other than 0 "
+                           "and 1")
+    return cast
+
+
+def _finite(value: np.ndarray) -> bool:
+    """All finite; ml_dtypes' bfloat16 / float8 are widened first (no isfinite of their own)."""
+    return bool(np.isfinite(value if value.dtype.kind == "f" else value.astype(np.float32)).all())
 
 
 @dataclass
@@ -184,7 +237,11 @@ def collect(model: onnx.ModelProto, groups: GroupSet, data: Dataset) -> ChannelS
 def channel_rows(value: np.ndarray, lay: Layout, k: int) -> np.ndarray:
     """(samples*positions, C) view of segment k's channels in an activation, in the
     activation's dtype: products are taken per batch in float32 (BLAS) and accumulated in
-    float64, which keeps the sums exact enough and the pass close to onnxruntime's cost."""
+    float64, which keeps the sums exact enough and the pass close to onnxruntime's cost.
+    Narrower floats (float16, bfloat16) become float32 first: their per-batch sums overflow
+    at 65504."""
+    if is_float(value.dtype) and value.dtype.itemsize < 4:
+        value = value.astype(np.float32)
     idx = lay.feature_index(k)  # (C, q)
     c, q = idx.shape
     if q == 1 and int(idx[-1, 0]) - int(idx[0, 0]) == c - 1:  # a contiguous run of channels
@@ -195,15 +252,52 @@ def channel_rows(value: np.ndarray, lay: Layout, k: int) -> np.ndarray:
 
 
 def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of `model` that also outputs `tensors`."""
+    """A copy of `model` that also outputs `tensors`, each declared with its real element
+    type (a float16 read point declared FLOAT is rejected by onnxruntime)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     have = {o.name for o in out.graph.output}
+    types = _ElemTypes(model)
     for name in tensors:
         if name not in have:
             out.graph.output.append(onnx.helper.make_tensor_value_info(
-                name, onnx.TensorProto.FLOAT, None))
+                name, types[name], None))
     return out
+
+
+_INT64_OPS = ("Shape", "Size", "ArgMax", "ArgMin", "NonZero")
+_BOOL_OPS = ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or",
+             "Xor", "IsNaN", "IsInf")
+
+
+class _ElemTypes:
+    """Element type of a tensor by name: declared (inputs, outputs, value_info), an
+    initializer's, or derived from the node that writes it; FLOAT when nothing says."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.known = {t.name: t.data_type for t in g.initializer}
+        for vi in [*g.input, *g.value_info, *g.output]:
+            if vi.type.tensor_type.elem_type:
+                self.known[vi.name] = vi.type.tensor_type.elem_type
+        self.producer = {o: n for n in g.node for o in n.output if o}
+
+    def __getitem__(self, name: str) -> int:
+        for _ in range(64):  # walk back through type-preserving ops
+            if name in self.known:
+                return self.known[name]
+            node = self.producer.get(name)
+            if node is None:
+                break
+            if node.op_type == "Cast":
+                return next(a.i for a in node.attribute if a.name == "to")
+            if node.op_type in _INT64_OPS:
+                return onnx.TensorProto.INT64
+            if node.op_type in _BOOL_OPS:
+                return onnx.TensorProto.BOOL
+            name = node.input[1] if node.op_type == "CastLike" else \
+                next((i for i in node.input if i), "")
+        return onnx.TensorProto.FLOAT
 
 
 def slice_of(graph: Graph, outputs: list[str], available: frozenset[str] | set[str]
@@ -236,11 +330,12 @@ def cut(graph: Graph, outputs: list[str], available: frozenset[str] | set[str] =
     nodes, reads = slice_of(graph, outputs, available)
     declared = {i.name: i for i in model.graph.input}
     names = {t for n in nodes for t in graph.inputs_of(n)}
+    types = _ElemTypes(model)
     g = onnx.helper.make_graph(
         nodes, model.graph.name,
-        [declared.get(t) or onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+        [declared.get(t) or onnx.helper.make_tensor_value_info(t, types[t], None)
          for t in reads],
-        [onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in outputs],
+        [onnx.helper.make_tensor_value_info(t, types[t], None) for t in outputs],
         [graph.initializers[n] for n in sorted(names) if n in graph.initializers])
     return onnx.helper.make_model(g, opset_imports=model.opset_import,
                                   ir_version=model.ir_version)

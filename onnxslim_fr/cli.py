@@ -1,18 +1,28 @@
-"""Command line: argument parsing and errors -> one line + exit code; no logic."""
+"""Command line: argument parsing and errors -> one line + exit code; no logic.
+
+Every way out prints at most one line on stderr: a refusal (exit 2) or validation failure
+(exit 1) says what is wrong, a bug says so (exit 3, the traceback only with -v), an
+interrupt says what was written (130 SIGINT, 143 SIGTERM), a closed stdout is silent (141).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from . import __version__
 from .api import analyze, slim
-from .errors import SlimError
+from .atomic import write_atomic
+from .errors import SlimError, UsageError
 from .lumping.redundancy import METHODS
+from .options import check_paths
 from .report import render_groups
 
 
@@ -24,9 +34,22 @@ def _shape(text: str) -> tuple[str, tuple[int, ...]]:
         raise argparse.ArgumentTypeError(f"expected name:1x3x224x224, got {text!r}") from None
 
 
+EXIT_INTERNAL, EXIT_PIPE = 3, 141
+EPILOG = """exit codes: 0 written (exact, or measured in calibrated mode); 1 validation failed,
+nothing written; 2 refused: one line says what to change; 3 internal error (a bug: rerun
+with -v for the traceback); 130 interrupted (143 on SIGTERM). The input is never modified."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes become a UsageError: one line and exit 2, not usage text + SystemExit."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see --help)")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="onnxslim-fr",
+    p = _Parser(
+        prog="onnxslim-fr", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Remove redundant channels from an ONNX model and fold them into the "
                     "layers that remain; the result is validated in onnxruntime.")
     p.add_argument("input", help="model to slim (never modified)")
@@ -34,8 +57,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE", help="write the report as JSON")
     p.add_argument("--input-shape", action="append", type=_shape, default=[],
                    metavar="NAME:DxDxD", help="shape for validation inputs (repeatable)")
-    p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="largest relative output error accepted (default 1e-4)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="largest relative output error accepted (default by the model's "
+                   "float type: 1e-4, float16 2e-3, bfloat16 2e-2)")
     data = p.add_argument_group("calibration (functional redundancy)")
     data.add_argument("--data", metavar="FILE", help="calibration inputs (.npz keyed by input "
                       "name, or .npy); enables merging of functionally redundant channels")
@@ -66,27 +90,44 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(message)s")
-    try:
-        return _run(args)
-    except SlimError as exc:
-        if args.verbose:
-            raise
-        print(f"onnxslim-fr: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    written: list[str] = []
+    args = None
+    with _sigterm_as_interrupt():
+        try:
+            args = parser().parse_args(argv)
+            _log_setup(args.verbose)
+            return _run(args, written)
+        except SystemExit as exc:  # --help / --version
+            return exc.code if isinstance(exc.code, int) else 0
+        except KeyboardInterrupt as exc:
+            _say(f"interrupted; {_written(written)}")
+            return 128 + getattr(exc, "signum", signal.SIGINT)
+        except BrokenPipeError:  # stdout closed early (`--inspect | head`): not an error
+            _silence_stdout()
+            return EXIT_PIPE
+        except SlimError as exc:
+            _say(f"error: {exc}", verbose=getattr(args, "verbose", False))
+            return exc.exit_code
+        except MemoryError:
+            _say("error: out of memory (try a smaller --batch-size or --max-samples); "
+                 "nothing written")
+            return 2
+        except Exception as exc:
+            _say(f"internal error: {type(exc).__name__}: {exc} ({_written(written)}; rerun "
+                 "with -v for the traceback)", verbose=getattr(args, "verbose", False))
+            return EXIT_INTERNAL
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, written: list[str]) -> int:
     if args.inspect:
+        if args.output is not None or args.report is not None:
+            raise UsageError("--inspect writes nothing: drop the output path and --report")
         _, rows = analyze(args.input)
-        print(render_groups(rows))
+        _print(render_groups(rows))
         return 0
     if args.output is None:
-        raise SlimError("an output path is required (or use --inspect)")
-    if Path(args.output).resolve() == Path(args.input).resolve():
-        raise SlimError("output must differ from input: the input file is never modified")
+        raise UsageError("an output path is required (or use --inspect)")
+    check_paths(args.input, args.output, args.report)
     result = slim(args.input, args.output, input_shapes=dict(args.input_shape),
                   tolerance=args.tolerance, data=args.data, holdout=args.holdout,
                   ratio=args.ratio, max_error=args.max_error,
@@ -95,7 +136,70 @@ def _run(args: argparse.Namespace) -> int:
                   compensate=not args.no_compensate, sequential_refit=not args.no_refit,
                   batch_size=args.batch_size,
                   max_samples=args.max_samples)
-    print(result.report.render())
-    if args.report:
-        Path(args.report).write_text(json.dumps(result.report.to_json(), indent=2))
+    written.append(args.output)
+    if args.report:  # files first: a closed stdout must not cost the report
+        try:
+            write_atomic(args.report, json.dumps(result.report.to_json(), indent=2).encode())
+        except OSError as exc:
+            raise UsageError(f"cannot write --report {args.report}: {exc.strerror or exc} "
+                             f"({args.output} was written)") from None
+        written.append(args.report)
+    _print(result.report.render())
     return 0
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised where the run is: it unwinds like Ctrl-C (temporary files vanish,
+    one line is printed) and exits 128 + signum as shells expect."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise _Interrupted(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _log_setup(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(message)s")
+    logging.captureWarnings(True)  # library warnings (numpy, sklearn) are noise unless -v
+    logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose else logging.ERROR)
+
+
+def _print(text: str) -> None:
+    print(text)
+    sys.stdout.flush()  # a closed pipe fails here, inside main, not at interpreter exit
+
+
+def _written(paths: list[str]) -> str:
+    return f"{' and '.join(paths)} written" if paths else "nothing written"
+
+
+def _say(line: str, verbose: bool = False) -> None:
+    """One line on stderr (newlines in a message are folded); with -v the traceback first."""
+    if verbose:
+        traceback.print_exc()
+    print(f"onnxslim-fr: {' '.join(line.split())}", file=sys.stderr)
+
+
+def _silence_stdout() -> None:
+    """Python's recipe: point stdout at devnull so the final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor
+        pass

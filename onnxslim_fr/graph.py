@@ -13,7 +13,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import BadModelError, SlimError
+from .errors import BadModelError, InternalError
+from .folding import fold
+from .shape_values import resolved_reshapes
 
 
 class Graph:
@@ -34,7 +36,9 @@ class Graph:
                 self.consumers[name].append(node)
         self.graph_inputs = [i.name for i in g.input if i.name not in self.initializers]
         self.graph_outputs = {o.name for o in g.output}
-        self._shapes = _collect_shapes(g)
+        self._shapes, self._symbols = _collect_shapes(g)
+        self._types = {vi.name: vi.type.tensor_type.elem_type
+                       for vi in [*g.input, *g.value_info, *g.output]}
         self._arrays: dict[str, np.ndarray] = {}
 
     def const(self, name: str) -> np.ndarray | None:
@@ -50,6 +54,19 @@ class Graph:
         if name in self.initializers:
             return tuple(self.initializers[name].dims)
         return self._shapes.get(name)
+
+    def symbolic_shape(self, name: str) -> tuple[int | str, ...] | None:
+        """Inferred shape with dynamic dimensions as their symbols (``'batch'``); two
+        dimensions with the same symbol are equal at run time, an unnamed one is unique."""
+        if name in self.initializers:
+            return tuple(self.initializers[name].dims)
+        return self._symbols.get(name)
+
+    def elem_type(self, name: str) -> int:
+        """ONNX element type of a tensor, 0 when unknown."""
+        if name in self.initializers:
+            return self.initializers[name].data_type
+        return self._types.get(name, 0)
 
     def inputs_of(self, node: onnx.NodeProto) -> list[str]:
         """Every tensor `node` reads, including outer names read by its subgraphs."""
@@ -72,20 +89,30 @@ def _inputs_including_subgraphs(node: onnx.NodeProto) -> Iterator[str]:
                 yield from (i for i in _inputs_including_subgraphs(inner) if i not in local)
 
 
-def _collect_shapes(g: onnx.GraphProto) -> dict[str, tuple[int | None, ...]]:
+def _collect_shapes(g: onnx.GraphProto) -> tuple[dict[str, tuple[int | None, ...]],
+                                                  dict[str, tuple[int | str, ...]]]:
+    """Numeric shapes (None for a dynamic dimension) and symbolic ones (its symbol)."""
     shapes: dict[str, tuple[int | None, ...]] = {}
+    symbols: dict[str, tuple[int | str, ...]] = {}
     for vi in [*g.input, *g.value_info, *g.output]:
         t = vi.type.tensor_type
         if not t.HasField("shape"):
             continue
         shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
                                 for d in t.shape.dim)
-    return shapes
+        symbols[vi.name] = tuple(
+            d.dim_value if d.HasField("dim_value") else
+            d.dim_param if d.HasField("dim_param") else f"?{vi.name}:{axis}"
+            for axis, d in enumerate(t.shape.dim))
+    return shapes, symbols
 
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Make weights visible and shapes known: Constant nodes become initializers, every node
-    gets a unique name, shapes are inferred. Edits `model` in place (a private copy)."""
+    """Make weights visible and shapes known: constant computations are folded (weights in
+    Constant nodes or behind Transpose / Cast / Reshape become initializers), every node
+    gets a unique name, shapes are inferred with data propagation (computed Reshape targets
+    get symbolic output shapes). Returns the normalized model (`model` may be edited)."""
+    model = fold(model)
     g = model.graph
     outputs = {o.name for o in g.output}
     inits = {t.name: t for t in g.initializer}
@@ -142,24 +169,38 @@ def check(model: onnx.ModelProto, failure: str) -> None:
     try:
         onnx.checker.check_model(skeleton(model), full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise SlimError(f"internal: {failure}: {exc}") from None
+        raise InternalError(f"{failure}: {exc}") from None
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Strict shape inference (on the skeleton); a model it rejects is not one we can reason
-    about. The inferred shapes are written into `model`, which is returned."""
+    about. Reshape outputs it leaves unknown are filled from their evaluated targets
+    (shape_values.py) and inference runs again, so the ops after them see shapes too. The
+    inferred shapes are written into `model`, which is returned."""
+    _infer_into(model)
+    for _ in range(4):
+        resolved = resolved_reshapes(Graph(model))
+        if not resolved:
+            break
+        model.graph.value_info.extend(resolved)
+        _infer_into(model)
+    return model
+
+
+def _infer_into(model: onnx.ModelProto) -> None:
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=True,
                                                      data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise BadModelError(f"shape inference failed: {first}") from None
+    except (RuntimeError, ValueError) as exc:  # onnx's C++ inference can fail oddly
+        raise BadModelError(f"shape inference failed: {type(exc).__name__}: {exc}") from None
     g = model.graph
     del g.value_info[:]
     g.value_info.extend(inferred.graph.value_info)
     for out, typed in zip(g.output, inferred.graph.output, strict=True):
         out.type.CopyFrom(typed.type)
-    return model
 
 
 def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto:

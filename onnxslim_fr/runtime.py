@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import ctypes
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -10,14 +11,25 @@ import onnxruntime as ort
 
 from .errors import BadDataError
 
-_NP_TYPES = {
-    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
-    onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_,
-}
+
+def np_dtype(elem_type: int) -> np.dtype:
+    """The numpy dtype onnxruntime exchanges for an ONNX element type (bfloat16 and the
+    float8 types come from ml_dtypes, as onnx itself maps them); FLOAT when unset."""
+    if elem_type == onnx.TensorProto.UNDEFINED:
+        return np.dtype(np.float32)
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, ValueError, TypeError):
+        return np.dtype(np.float32)
 
 
-def input_specs(model: onnx.ModelProto) -> dict[str, tuple[tuple[int | None, ...], type]]:
+def is_float(dtype: np.dtype) -> bool:
+    """Floating point, including ml_dtypes' bfloat16 / float8 (numpy kind 'V')."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or (dtype.kind == "V" and "float" in dtype.name)
+
+
+def input_specs(model: onnx.ModelProto) -> dict[str, tuple[tuple[int | None, ...], np.dtype]]:
     """Shape (None for dynamic dims) and numpy dtype of each real graph input."""
     inits = {t.name for t in model.graph.initializer}
     specs = {}
@@ -26,7 +38,7 @@ def input_specs(model: onnx.ModelProto) -> dict[str, tuple[tuple[int | None, ...
             continue
         t = vi.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
-        specs[vi.name] = (dims, _NP_TYPES.get(t.elem_type, np.float32))
+        specs[vi.name] = (dims, np_dtype(t.elem_type))
     return specs
 
 
@@ -43,7 +55,76 @@ def run(model: onnx.ModelProto | ort.InferenceSession,
         feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     sess = model if isinstance(model, ort.InferenceSession) else session(model)
     try:
-        return sess.run(None, dict(feeds))
+        return _run(sess, feeds)
     except Exception as exc:  # onnxruntime raises several unrelated types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadDataError(f"onnxruntime rejected the inputs: {first}") from None
+        raise BadDataError(f"onnxruntime rejected the inputs: {first_line(exc)}") from None
+
+
+def run_error(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> str | None:
+    """None when `sess` runs on `feeds`, else the first line of onnxruntime's complaint
+    (nothing is logged: trying inputs that may not fit is expected to fail quietly)."""
+    return try_run(sess, feeds)[1]
+
+
+def try_run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]
+            ) -> tuple[list[np.ndarray] | None, str | None]:
+    """(outputs, None), or (None, the first line of onnxruntime's complaint)."""
+    try:
+        return _run(sess, feeds), None
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        return None, first_line(exc)
+
+
+def runner(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]
+           ) -> Callable[[], list[np.ndarray]]:
+    """A call that runs `sess` on `feeds`, the inputs converted once (for timing loops).
+
+    bfloat16 / float8 tensors (ml_dtypes arrays, which onnxruntime's numpy bridge does not
+    know) pass as raw OrtValues both ways; everything else goes through sess.run."""
+    quiet = _quiet()
+    if not any(o.type in _RAW_TYPES for o in sess.get_outputs()) and \
+            not any(np.asarray(v).dtype.kind == "V" for v in feeds.values()):
+        plain = dict(feeds)
+        return lambda: sess.run(None, plain, quiet)
+    values = {k: _ort_value(np.asarray(v)) for k, v in feeds.items()}
+    names = [o.name for o in sess.get_outputs()]
+    return lambda: [_from_ort(o) for o in sess.run_with_ort_values(names, values, quiet)]
+
+
+def _run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    return runner(sess, feeds)()
+
+
+_RAW = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2
+_RAW_TYPES = {f"tensor({onnx.TensorProto.DataType.Name(t).lower()})": t for t in _RAW}
+_RAW_BY_NUMPY = {np_dtype(t).name: t for t in _RAW}
+
+
+def _ort_value(value: np.ndarray) -> ort.OrtValue:
+    if value.dtype.kind != "V":
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+    elem = _RAW_BY_NUMPY[value.dtype.name]
+    raw = np.ascontiguousarray(value).view(f"u{value.dtype.itemsize}")
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, elem)
+
+
+def _from_ort(value: ort.OrtValue):
+    """numpy array of an output; bfloat16 / float8 are copied out byte for byte."""
+    if not value.is_tensor() or value.data_type() not in _RAW_TYPES:
+        return value.numpy()
+    dtype = np_dtype(_RAW_TYPES[value.data_type()])
+    raw = ctypes.string_at(value.data_ptr(), value.tensor_size_in_bytes())
+    return np.frombuffer(raw, dtype=dtype).reshape(value.shape()).copy()
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _quiet() -> ort.RunOptions:
+    """Run options that keep onnxruntime's own error log off stderr: the error is raised
+    (and turned into one line) anyway."""
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options

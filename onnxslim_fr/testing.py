@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
+from . import feeds as _feeds
 from .runtime import input_specs, run
 
 __all__ = ["assert_same_function", "input_specs", "random_feeds", "run"]
@@ -14,17 +15,10 @@ __all__ = ["assert_same_function", "input_specs", "random_feeds", "run"]
 
 def random_feeds(model: onnx.ModelProto, *, shapes: Mapping[str, tuple[int, ...]] | None = None,
                  seed: int = 0, batch: int = 1) -> dict[str, np.ndarray]:
-    """Standard-normal inputs; dynamic dims become `batch` on axis 0 and 1 elsewhere."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for name, (dims, dtype) in input_specs(model).items():
-        default = (d if d is not None else (batch if i == 0 else 1) for i, d in enumerate(dims))
-        shape = tuple((shapes or {}).get(name) or default)
-        if np.issubdtype(dtype, np.floating):
-            feeds[name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[name] = np.zeros(shape, dtype=dtype)
-    return feeds
+    """Seeded inputs: standard-normal floats, random booleans, integer ids within the table
+    they index (small non-negative values otherwise); dynamic dims become `batch` on axis 0
+    and 1 elsewhere. For inputs checked to run, see `onnxslim_fr.feeds.validation_feeds`."""
+    return _feeds.random_feeds(model, shapes=shapes, seed=seed, batch=batch)
 
 
 def assert_same_function(original: onnx.ModelProto, slimmed: onnx.ModelProto, *,

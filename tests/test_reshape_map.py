@@ -13,6 +13,7 @@ from onnxslim_fr.channels.reshape_map import move_axis
     (["B", "T", 64], ["B", "T", 4, 16], 2, (2, 3), 1, 1, (4, 16)),  # attention heads
     (["B", "T", 4, 16], ["B", "T", 64], 2, (2,), 1, 16, ()),  # heads merged back
     (["B", "T", 4, 16], ["B", "T", 64], 3, (2,), 4, 1, ()),  # head dim merged back
+    (["unk0", 6, 8, 8], ["unk1", 384], 1, (1,), 1, 64, ()),  # a -1 batch gets a new symbol
 ])
 def test_channel_axis_is_followed_through_reshape(src, dst, axis, out_axes, outer, inner, split):
     move = move_axis(src, dst, axis)
@@ -23,7 +24,7 @@ def test_channel_axis_is_followed_through_reshape(src, dst, axis, out_axes, oute
 @pytest.mark.parametrize(("src", "dst", "axis"), [
     (["B", 64, "H", "W"], ["B", "flat"], 1),  # dynamic positions: the product is unknown
     (["B", 4, 16], ["B", 8, 8], 1),  # channels and positions interleave
-    (["B", 64], ["C", 64], 1),  # different symbols never match
+    (["B", 64], ["C", "D"], 1),  # unmatched symbols on one side cannot be told apart
     (["B", "C"], ["B", "C"], 1),  # a symbolic channel count cannot be sliced
 ])
 def test_reshape_that_mixes_channels_is_not_followed(src, dst, axis):

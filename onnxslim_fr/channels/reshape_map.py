@@ -65,12 +65,24 @@ def blocks(src: list[Dim], dst: list[Dim]) -> list[tuple[range, range]] | None:
     return out
 
 
+def unify(src: list[Dim], dst: list[Dim]) -> list[Dim]:
+    """`dst` with its one unmatched symbol renamed to `src`'s one unmatched symbol when the
+    static parts have equal products: both hold the same number of elements, so the two
+    symbols are equal (a ``-1`` target entry gets a fresh symbol from shape inference)."""
+    only_src = [d for d in src if isinstance(d, str) and d not in dst]
+    only_dst = [d for d in dst if isinstance(d, str) and d not in src]
+    static = [_prod(d for d in dims if isinstance(d, int)) for dims in (src, dst)]
+    if len(only_src) == 1 and len(only_dst) == 1 and static[0] == static[1]:
+        return [only_src[0] if d == only_dst[0] else d for d in dst]
+    return dst
+
+
 def move_axis(src: list[Dim], dst: list[Dim], axis: int) -> AxisMove | None:
     """Where `axis` of `src` goes in `dst`; None when it cannot be told (then channels
     may mix and the caller freezes)."""
     if not isinstance(src[axis], int):
         return None
-    pairs = blocks(src, dst)
+    pairs = blocks(src, unify(src, dst))
     if pairs is None:
         return None
     for ins, outs in pairs:

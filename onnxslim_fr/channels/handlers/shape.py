@@ -1,6 +1,7 @@
 """Ops that move channels without changing them: Flatten, Reshape, Squeeze, Unsqueeze,
-Transpose, Concat. They change where the channel axis is and how features are laid out;
-a Reshape whose shape constant spells out the flattened size gets that number rewritten.
+Transpose, Concat (and Shape / Size, which read only the dimensions). They change where
+the channel axis is and how features are laid out; a Reshape target that spells out the
+channel axis's size gets that number rewritten.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ import numpy as np
 import onnx
 
 from ...graph import Graph
+from ...shape_values import target_shape
 from ..context import AnalysisContext
 from ..layout import Layout, concat, opaque
+from ..reshape_map import move_axis
 from ..structures import Unsupported
 from .base import OpHandler, RewriteContext, attr
 
@@ -39,33 +42,104 @@ class FlattenHandler(OpHandler):
 
 
 class ReshapeHandler(OpHandler):
-    """Only the flattening kind: output (N, features) with N the input's first axis."""
+    """Any Reshape that keeps the channel axis whole or merges it with its neighbours,
+    told from the symbolic input and output shapes (channels/reshape_map.py), so computed
+    targets (``Shape -> Gather -> Concat``) work as well as constant ones. The target entry
+    for the channel axis must follow the new channel count: a literal is rewritten (in a
+    private copy of the constant, or of the constant part of a Concat), -1 and 0 follow by
+    themselves, and a value computed from Shape follows the shapes it reads."""
 
     ops = ("Reshape",)
 
     def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
-        target = ctx.graph.const(node.input[1])
-        out_shape = ctx.graph.shape(node.output[0])
-        if target is None or out_shape is None:
-            raise Unsupported("Reshape to a computed shape")
-        batch = (ctx.graph.shape(node.input[0]) or (None,))[0]
-        keeps_batch = target.size == 2 and int(target[0]) in (0, -1, batch)
-        if len(out_shape) != 2 or not keeps_batch:
-            raise Unsupported("Reshape other than flattening to (batch, features)")
-        lay = _merge(ctx, node, 1)
-        if out_shape[1] is not None and out_shape[1] != lay.size:
-            raise Unsupported("Reshape other than flattening to (batch, features)")
-        ctx.set_layout(node.output[0], lay)
+        lay = ctx.layout(node.input[0])
+        src = ctx.graph.symbolic_shape(node.input[0])
+        dst = target_shape(node, ctx.graph) or ctx.graph.symbolic_shape(node.output[0])
+        if src is None or dst is None:
+            raise Unsupported("Reshape with shapes shape inference cannot tell")
+        move = move_axis(list(src), list(dst), lay.axis)
+        if move is None or move.split:
+            raise Unsupported("Reshape mixes the channel axis with other axes")
+        axis = move.out_axes[0]
+        if axis == 0 and lay.axis != 0:
+            raise Unsupported("Reshape merges the channels into the batch axis")
+        _target_entry(node, ctx.graph, axis)
+        ctx.set_layout(node.output[0], lay.flattened(move.inner, move.outer).with_axis(axis))
 
     def params(self, node: onnx.NodeProto, graph: Graph) -> list[str]:
         return []  # the shape constant is copied privately when it changes, never shared
 
     def rewrite(self, node: onnx.NodeProto, rw: RewriteContext) -> None:
-        target = rw.graph.const(node.input[1]).copy()
-        old, new = rw.layout(node.output[0]).size, rw.new_layout(node.output[0]).size
-        if int(target[1]) == old:
-            target[1] = new
-            rw.add_input(node, 1, target)
+        lay = rw.layout(node.output[0])
+        where = _target_entry(node, rw.graph, lay.axis)
+        if where is None:
+            return
+        holder, index, offset = where
+        value = rw.graph.const(holder.input[index]).copy()
+        if int(value[offset]) not in (-1, 0):
+            value[offset] = rw.new_layout(node.output[0]).size
+            rw.add_input(holder, index, value)
+
+
+#: Ops whose integer results follow the shapes they read (index / axis inputs constant).
+_SHAPE_ARITHMETIC = ("Shape", "Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "Cast",
+                     "Identity", "Mul", "ReduceProd", "Size")
+
+
+def _target_entry(node: onnx.NodeProto, graph: Graph, axis: int
+                  ) -> tuple[onnx.NodeProto, int, int] | None:
+    """(node, input index, offset) of the constant that spells the channel axis's size in
+    the Reshape target, or None when the entry follows the shapes by itself; Unsupported
+    when it would not follow the new channel count."""
+    target = node.input[1]
+    if graph.const(target) is not None:
+        return node, 1, axis
+    maker = graph.producer.get(target)
+    if maker is not None and maker.op_type == "Concat" and graph.users(target) == 1:
+        start = 0
+        for k, part in enumerate(maker.input):
+            length = (graph.shape(part) or (None,))[0]
+            if length is None:
+                break
+            if start <= axis < start + length:
+                if graph.const(part) is not None:
+                    if graph.users(part) > 1 and int(graph.const(part)[axis - start]) > 0:
+                        raise Unsupported("Reshape target constant shared with another node")
+                    return maker, k, axis - start
+                return _follows_shapes(part, graph)
+            start += length
+    return _follows_shapes(target, graph)
+
+
+def _follows_shapes(name: str, graph: Graph) -> None:
+    """Accept a value computed only from Shape reads and index constants."""
+    todo, seen = [name], set()
+    while todo:
+        tensor = todo.pop()
+        if tensor in seen or graph.const(tensor) is not None:
+            continue
+        seen.add(tensor)
+        maker = graph.producer.get(tensor)
+        if maker is None or maker.op_type not in _SHAPE_ARITHMETIC:
+            raise Unsupported("Reshape target computed in a way that would not follow the "
+                              "new channel count")
+        if maker.op_type in ("Shape", "Size"):
+            continue
+        if maker.op_type == "Mul" and any(graph.const(i) is not None for i in maker.input):
+            raise Unsupported("Reshape target scales a shape by a constant")
+        todo.extend(i for i in maker.input if i)
+    return None
+
+
+class ShapeHandler(OpHandler):
+    """Shape and Size read only the dimensions: nothing to follow, nothing to freeze. A
+    computed value built from them follows the new channel count by itself, and whatever
+    consumes it (a Reshape target, a Slice bound) is checked by its own handler."""
+
+    ops = ("Shape", "Size")
+
+    def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        return None
 
 
 class SqueezeHandler(OpHandler):
@@ -121,5 +195,5 @@ class ConcatHandler(OpHandler):
         ctx.set_layout(node.output[0], concat(parts, axis))
 
 
-HANDLERS = (FlattenHandler(), ReshapeHandler(), SqueezeHandler(), TransposeHandler(),
-            ConcatHandler())
+HANDLERS = (FlattenHandler(), ReshapeHandler(), ShapeHandler(), SqueezeHandler(),
+            TransposeHandler(), ConcatHandler())

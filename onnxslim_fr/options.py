@@ -1,0 +1,176 @@
+"""Checks of what `slim` is asked to do, run before any heavy work.
+
+One place for the CLI and the Python API, so both refuse with the same one-line message
+(flags are named as on the command line; each maps to the keyword of the same name).
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import onnx
+
+from .errors import BadDataError, UsageError
+from .lumping.redundancy import METHODS
+from .model_io import Source, check_runnable, data_path
+
+TARGETS = ("flops", "params")
+BUDGET_FLAGS = ("--ratio", "--max-error", "--max-accuracy-drop")
+
+
+def check_arguments(*, model: object, output: str | os.PathLike[str] | None,
+                    data: object, holdout: object, ratio: float | None,
+                    max_error: float | None, max_accuracy_drop: float | None, target: str,
+                    method: str, threshold: float, batch_size: int, max_samples: int | None,
+                    input_shapes: Mapping[str, Sequence[int]] | None,
+                    tolerance: float | None) -> None:
+    """Every check that needs no model: values, combinations, paths."""
+    check_budget(data, holdout, ratio, max_error, max_accuracy_drop)
+    if tolerance is not None:  # None: chosen by the model's float type
+        _require("--tolerance", tolerance, lambda v: v > 0, "> 0")
+    _require("--threshold", threshold, lambda v: 0 < v <= 1, "in (0, 1]")
+    _require_int("--batch-size", batch_size)
+    if max_samples is not None:
+        _require_int("--max-samples", max_samples)
+    for flag, value, choices in (("--target", target, TARGETS), ("--method", method, METHODS)):
+        if value not in choices:
+            raise UsageError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+    for name, dims in (input_shapes or {}).items():
+        if not dims or not all(isinstance(d, numbers.Integral) and d > 0 for d in dims):
+            raise UsageError(f"--input-shape {name}: dims must be positive integers, "
+                             f"got {_dims(dims)}")
+    check_paths(model, output)
+
+
+def check_budget(data: object, holdout: object, ratio: float | None, max_error: float | None,
+                 max_accuracy_drop: float | None) -> None:
+    """Calibrated mode needs data and exactly one budget; exact mode takes neither."""
+    values = (ratio, max_error, max_accuracy_drop)
+    given = [flag for flag, value in zip(BUDGET_FLAGS, values, strict=True) if value is not None]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} exclude each other: give one budget")
+    if data is None and given:
+        raise UsageError(f"{given[0]} needs calibration data (--data)")
+    if data is None and holdout is not None:
+        raise UsageError("--holdout needs calibration data (--data)")
+    if data is not None and not given:
+        raise UsageError("--data needs a budget: add --ratio R, --max-error E or "
+                         "--max-accuracy-drop D")
+    if ratio is not None:
+        _require("--ratio", ratio, lambda v: 0 <= v < 1, "in [0, 1)")
+    if max_error is not None:
+        _require("--max-error", max_error, lambda v: v > 0, "> 0")
+    if max_accuracy_drop is not None:
+        _require("--max-accuracy-drop", max_accuracy_drop, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def check_labels(max_accuracy_drop: float | None, labels: object) -> None:
+    if max_accuracy_drop is not None and labels is None:
+        raise BadDataError("--max-accuracy-drop needs labels: add a 'labels' array to the "
+                           "hold-out data (--holdout, or --data without it)")
+
+
+def check_paths(model: object, output: str | os.PathLike[str] | None,
+                report: str | os.PathLike[str] | None = None) -> None:
+    """Refuse, before the run, an output or report that would overwrite the input or each
+    other, or that cannot be written."""
+    source = Path(model) if isinstance(model, str | os.PathLike) else None
+    out = Path(output) if output is not None else None
+    if out is not None:
+        _check_writable(out, "output")
+        check_not_overwriting([source] if source else [], out)
+    if report is not None:
+        rep = Path(report)
+        for other, what in ((source, "the input model"), (out, "the output model"),
+                            (out and data_path(out), "the output's weight file")):
+            if other is not None and _same(rep, other):
+                raise UsageError(f"--report {rep} is {what}: choose another report path")
+        _check_writable(rep, "--report")
+
+
+def check_not_overwriting(sources: Sequence[Path], output: Path) -> None:
+    """The output, and the weight file it may get beside it, must not be an input file."""
+    for source in sources:
+        if _same(output, source):
+            raise UsageError(f"output {output} is the input file {source}: choose another "
+                             "output path (the input is never modified)")
+        if _same(data_path(output), source):
+            raise UsageError(f"output {output} would write its weights to {source}, an input "
+                             "file: choose another output path")
+
+
+def check_source(source: Source, output: str | os.PathLike[str] | None,
+                 input_shapes: Mapping[str, Sequence[int]] | None) -> None:
+    """Checks that need the loaded model, before analysis: the output must not overwrite
+    an input file (external data included), `--input-shape` must fit, onnxruntime must
+    load the original."""
+    if output is not None:
+        check_not_overwriting(source.files, Path(output))
+    check_input_shapes(input_shapes, source.model)
+    check_runnable(source.model)
+
+
+def check_input_shapes(shapes: Mapping[str, Sequence[int]] | None,
+                       model: onnx.ModelProto) -> None:
+    """`--input-shape` must name a real input and fit its rank and fixed dims."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = {vi.name: vi for vi in model.graph.input if vi.name not in inits}
+    for name, dims in (shapes or {}).items():
+        if name not in inputs:
+            raise UsageError(f"--input-shape names {name!r}, which is not an input of the "
+                             f"model; its inputs are: {', '.join(inputs) or '(none)'}")
+        tensor = inputs[name].type.tensor_type
+        if not tensor.HasField("shape"):
+            continue
+        want = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        if len(want) != len(dims) or any(w not in (None, d)
+                                         for w, d in zip(want, dims, strict=False)):
+            raise UsageError(f"--input-shape {name}:{_dims(dims)} does not fit input {name} "
+                             f"of shape {_dims(want)}")
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """os.path tests, not Path methods: those raise on a directory we may not search."""
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a directory: give a file path")
+    parent = path.absolute().parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not os.path.isdir(parent):
+        raise UsageError(f"{what} {path} cannot be created: {parent} is not a directory")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{what} {path} is read-only")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path} cannot be written: no write permission in {parent}")
+
+
+def _same(a: Path, b: Path) -> bool:
+    """The same file: one path through symlinks or `..`, or hard links to one inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def _require(flag: str, value: object, ok, wanted: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(value):
+        raise UsageError(f"{flag} must be {wanted}, got {value!r}")
+
+
+def _require_int(flag: str, value: object) -> None:
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, bool) or number < 1:
+        raise UsageError(f"{flag} must be a whole number >= 1, got {value!r}")
+
+
+def _dims(dims: Sequence[int | None]) -> str:
+    return "x".join("?" if d is None else str(d) for d in dims)

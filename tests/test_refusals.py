@@ -1,0 +1,479 @@
+"""Every run ends in a correct model or a clear refusal, and the input never changes.
+
+Refusals are exit 2 with exactly one line on stderr, checked before the heavy work; exit 1
+is only "validation failed"; a bug is exit 3; Ctrl-C / SIGTERM are 130 / 143 with one line;
+a closed stdout is silent. Files: the input's IR version and external data are kept, the
+output's mode follows the umask, and a failed or killed write leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from builders import Net
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from onnxslim_fr import api, atomic, cli, model_io, slim
+from onnxslim_fr.cli import main, parser
+from onnxslim_fr.errors import (
+    BadDataError,
+    SlimError,
+    UnsupportedError,
+    UsageError,
+    ValidationError,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+MASKED = ROOT / "models" / "digits_cnn_masked.onnx"
+
+
+# models and helpers ---------------------------------------------------------------------
+def redundant_cnn(ir_version: int = 10) -> onnx.ModelProto:
+    """x ─ conv(16) ─ relu ─ conv(8): filter 4 = 2.5 x filter 1, so exact mode removes one
+    channel; both weights pass 1 KiB, so they go to external data when asked."""
+    b = Net((None, 3, 8, 8))
+    c1 = b.conv(b.x, 16)
+    y = b.conv(b.relu(c1), 8)
+    b.scale_filter(c1, src=1, dst=4, factor=2.5)
+    model = b.build(y)
+    model.ir_version = ir_version
+    return model
+
+
+def custom_op_model(name: str) -> onnx.ModelProto:
+    """conv ─ relu ─ com.example::Foo (node `name`, possibly unnamed): onnxruntime has no
+    kernel for Foo, though the ONNX checker accepts the custom domain."""
+    b = Net((None, 3, 8, 8))
+    r = b.relu(b.conv(b.x, 4))
+    b.nodes.append(h.make_node("Foo", [r], ["y"], name=name, domain="com.example"))
+    b.shapes["y"] = b.shapes[r]
+    return b.build("y", domains=["com.example"])
+
+
+def int32_model() -> onnx.ModelProto:
+    """x:int32[?, 4] ─ Cast(float) ─ MatMul ─ Relu ─ MatMul."""
+    w1 = nh.from_array(np.ones((4, 6), np.float32), "w1")
+    w2 = nh.from_array(np.ones((6, 3), np.float32), "w2")
+    nodes = [h.make_node("Cast", ["x"], ["f"], name="cast", to=T.FLOAT),
+             h.make_node("MatMul", ["f", "w1"], ["m"], name="mm1"),
+             h.make_node("Relu", ["m"], ["r"], name="relu"),
+             h.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.INT32, [None, 4])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [None, 3])], [w1, w2])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=10)
+
+
+def save(model: onnx.ModelProto, path: Path, **external) -> Path:
+    onnx.save_model(model, str(path), **external)
+    return path
+
+
+def digests(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def refused(capsys, argv: list[str], *words: str) -> str:
+    """main(argv) exits 2 with one line naming `words`."""
+    assert main([str(a) for a in argv]) == 2
+    line = one_line(capsys)
+    assert line.startswith("onnxslim-fr: error: ")
+    for word in words:
+        assert word in line, line
+    return line
+
+
+@pytest.fixture
+def model_path(tmp_path) -> Path:
+    return save(redundant_cnn(), tmp_path / "in.onnx")
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading the model fails the test: proves a refusal came before any heavy work."""
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(model_io, "read", loaded)
+
+
+# 1. data loss ---------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["input", "output", "output weights"])
+def test_report_that_would_overwrite_a_model_is_refused(tmp_path, capsys, model_path,
+                                                         no_loading, which):
+    out = tmp_path / "out.onnx"
+    report = {"input": model_path, "output": out, "output weights": tmp_path / "out.onnx.data"}
+    before = digests(tmp_path)
+    refused(capsys, [model_path, out, "--report", report[which]], "--report", "choose another")
+    assert digests(tmp_path) == before
+
+
+def test_slim_from_python_refuses_to_overwrite_its_input(tmp_path, model_path):
+    before = model_path.read_bytes()
+    (tmp_path / "link.onnx").symlink_to(model_path)
+    os.link(model_path, tmp_path / "hard.onnx")
+    for output in (model_path, str(model_path), tmp_path / "link.onnx", tmp_path / "hard.onnx",
+                   tmp_path / "sub" / ".." / "in.onnx"):
+        with pytest.raises(UsageError, match="input"):
+            slim(str(model_path), output, latency_runs=0)
+    assert model_path.read_bytes() == before
+
+
+def test_output_whose_weight_file_is_an_input_weight_file_is_refused(tmp_path, capsys):
+    """in.onnx keeps its weights in w.onnx.data; output w.onnx would write w.onnx.data."""
+    src = save(redundant_cnn(), tmp_path / "in.onnx", save_as_external_data=True,
+               location="w.onnx.data", size_threshold=0)
+    before = digests(tmp_path)
+    refused(capsys, [src, tmp_path / "w.onnx"], "w.onnx.data", "input")
+    assert digests(tmp_path) == before
+
+
+# 2. refusals before the heavy work ----------------------------------------------------
+@pytest.mark.parametrize("flag", ["output", "--report"])
+@pytest.mark.parametrize("how", ["under a file", "a directory", "no permission"])
+def test_unwritable_output_or_report_is_refused_before_loading(tmp_path, capsys, model_path,
+                                                                no_loading, flag, how):
+    (tmp_path / "file.txt").write_text("x")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    bad = {"under a file": tmp_path / "file.txt" / "sub" / "x.onnx",
+           "a directory": tmp_path,
+           "no permission": locked / "x.onnx"}[how]
+    if how == "no permission":
+        if os.geteuid() == 0:
+            pytest.skip("root writes anywhere: covered by 'under a file'")
+        locked.chmod(0o500)
+    argv = [model_path, bad] if flag == "output" else \
+        [model_path, tmp_path / "out.onnx", "--report", bad]
+    try:
+        refused(capsys, argv, flag, str(bad))
+    finally:
+        locked.chmod(0o700)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+OPTION_MISTAKES = [  # (CLI flags, slim() keywords, words the one line must hold)
+    (["--data", "d.npz"], {"data": "d.npz"}, ["--ratio", "--max-error", "--max-accuracy-drop"]),
+    (["--ratio", "0.5"], {"ratio": 0.5}, ["--ratio", "--data"]),
+    (["--holdout", "h.npz"], {"holdout": "h.npz"}, ["--holdout", "--data"]),
+    (["--batch-size", "0"], {"batch_size": 0}, ["--batch-size", ">= 1"]),
+    (["--max-samples", "-3"], {"max_samples": -3}, ["--max-samples", ">= 1"]),
+    (["--threshold", "0"], {"threshold": 0.0}, ["--threshold", "(0, 1]"]),
+    (["--threshold", "1.5"], {"threshold": 1.5}, ["--threshold", "(0, 1]"]),
+    (["--data", "d.npz", "--ratio", "1"], {"data": "d.npz", "ratio": 1.0}, ["--ratio", "[0, 1)"]),
+    (["--data", "d.npz", "--ratio", "-0.1"], {"data": "d.npz", "ratio": -0.1}, ["[0, 1)"]),
+    (["--data", "d.npz", "--max-error", "0"], {"data": "d.npz", "max_error": 0.0},
+     ["--max-error", "> 0"]),
+    (["--data", "d.npz", "--max-accuracy-drop", "-0.01"],
+     {"data": "d.npz", "max_accuracy_drop": -0.01}, ["--max-accuracy-drop", "[0, 1]"]),
+    (["--data", "d.npz", "--max-accuracy-drop", "2"], {"data": "d.npz", "max_accuracy_drop": 2.0},
+     ["--max-accuracy-drop", "[0, 1]"]),
+    (["--tolerance", "0"], {"tolerance": 0.0}, ["--tolerance", "> 0"]),
+    (["--tolerance", "nan"], {"tolerance": float("nan")}, ["--tolerance", "> 0"]),
+    (["--input-shape", "x:1x0x8x8"], {"input_shapes": {"x": (1, 0, 8, 8)}},
+     ["--input-shape", "positive"]),
+]
+
+
+@pytest.mark.parametrize(("flags", "kwargs", "words"), OPTION_MISTAKES)
+def test_option_mistakes_are_refused_alike_by_cli_and_python(tmp_path, capsys, model_path,
+                                                             no_loading, flags, kwargs, words):
+    line = refused(capsys, [model_path, tmp_path / "out.onnx", *flags], *words)
+    with pytest.raises(UsageError) as caught:
+        slim(str(model_path), tmp_path / "out.onnx", **kwargs)
+    assert line == f"onnxslim-fr: error: {caught.value}"
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_usage_mistakes_are_one_line_exit_2(tmp_path, capsys, model_path):
+    refused(capsys, [model_path, tmp_path / "o.onnx", "--bogus"], "--bogus", "--help")
+    refused(capsys, [model_path, tmp_path / "o.onnx", "--ratio", "abc"], "--ratio", "'abc'")
+    refused(capsys, [model_path], "output path is required")
+    refused(capsys, [model_path, tmp_path / "o.onnx", "--inspect"], "--inspect writes nothing")
+
+
+def test_unknown_input_shape_name_lists_the_real_inputs(tmp_path, capsys, model_path):
+    refused(capsys, [model_path, tmp_path / "o.onnx", "--input-shape", "image:1x3x8x8"],
+            "'image'", "its inputs are: x")
+    refused(capsys, [model_path, tmp_path / "o.onnx", "--input-shape", "x:1x3x8"],
+            "does not fit input x of shape ?x3x8x8")
+    with pytest.raises(UsageError, match="its inputs are: x"):
+        slim(str(model_path), input_shapes={"image": (1, 3, 8, 8)})
+    assert not (tmp_path / "o.onnx").exists()
+
+
+# 3. an original onnxruntime cannot load -----------------------------------------------
+@pytest.mark.parametrize(("name", "described"), [
+    ("n3", "node 'n3' (com.example::Foo)"),
+    ("", "unnamed node #2 (com.example::Foo)"),
+])
+def test_original_onnxruntime_cannot_load_is_refused_naming_the_node(
+        tmp_path, capsys, monkeypatch, name, described):
+    src = save(custom_op_model(name), tmp_path / "in.onnx")
+    monkeypatch.setattr(api, "normalize", lambda *a: pytest.fail("analysis ran"))
+    line = refused(capsys, [src, tmp_path / "out.onnx"],
+                   f"onnxruntime cannot run {described}: ", "Foo")
+    assert "not a registered" in line
+    with pytest.raises(UnsupportedError, match=r"cannot run .*com\.example::Foo"):
+        slim(onnx.load(src))
+    assert not (tmp_path / "out.onnx").exists()
+
+
+# 4. interrupts and closed pipes ---------------------------------------------------------
+def test_ctrl_c_exits_130_with_one_line(tmp_path, capsys, monkeypatch, model_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "slim", interrupted)
+    assert main([str(model_path), str(tmp_path / "out.onnx")]) == 130
+    assert one_line(capsys) == "onnxslim-fr: interrupted; nothing written"
+
+
+def test_sigterm_exits_143_with_one_line_and_the_handler_is_restored(tmp_path, capsys,
+                                                                      monkeypatch, model_path):
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        pytest.fail("SIGTERM did not stop the run")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "slim", terminated)
+    assert main([str(model_path), str(tmp_path / "out.onnx")]) == 143
+    assert one_line(capsys) == "onnxslim-fr: interrupted; nothing written"
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+WAITING_RUN = """import sys, time
+import onnxslim_fr.cli as cli
+def slow(*args, **kwargs):
+    print("running", file=sys.stderr, flush=True)
+    time.sleep(60)
+cli.slim = slow
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_to_a_running_process_exits_130_cleanly(tmp_path, model_path):
+    """A real SIGINT from outside (SIGTERM is sent for real in the in-process test)."""
+    proc = subprocess.Popen([sys.executable, "-c", WAITING_RUN, str(model_path),
+                             str(tmp_path / "out.onnx")], stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    assert proc.stderr.readline().strip() == "running"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    assert proc.stderr.read().strip() == "onnxslim-fr: interrupted; nothing written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+
+
+def test_closed_stdout_gives_no_traceback(model_path):
+    """`--inspect | head -1`: the reader is gone before the groups are printed."""
+    proc = subprocess.Popen([sys.executable, "-m", "onnxslim_fr", str(MASKED), "--inspect"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""
+
+
+# 5. bugs are exit 3, one line; exit 1 is only validation ---------------------------------
+def test_internal_error_is_one_line_exit_3_and_traceback_only_with_v(tmp_path, capsys,
+                                                                     monkeypatch, model_path):
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("boom\nsecond line")
+
+    monkeypatch.setattr(cli, "slim", bug)
+    argv = [str(model_path), str(tmp_path / "out.onnx")]
+    assert main(argv) == 3
+    assert one_line(capsys) == ("onnxslim-fr: internal error: ZeroDivisionError: boom second "
+                                "line (nothing written; rerun with -v for the traceback)")
+    assert main([*argv, "-v"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("onnxslim-fr: internal")
+
+
+def test_exit_codes_are_documented_and_only_validation_is_exit_1():
+    def subclasses(cls):
+        return [cls] + [s for c in cls.__subclasses__() for s in subclasses(c)]
+
+    assert [c for c in subclasses(SlimError) if c.exit_code == 1] == [ValidationError]
+    text = parser().format_help()
+    for words in ("1 validation failed", "2 refused", "3 internal error", "130 interrupted"):
+        assert words in " ".join(text.split())
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "3 internal error" in readme and "130" in readme
+
+
+# 6. files: IR version, umask, no leftovers, external data -------------------------------
+@pytest.mark.parametrize("planted", [True, False])
+def test_output_keeps_the_input_ir_version(tmp_path, capsys, planted):
+    model = redundant_cnn(ir_version=11)
+    if not planted:  # nothing to remove: the model is handed back as it came
+        model = custom_op_free_unslimmable()
+        model.ir_version = 11
+    src, out = save(model, tmp_path / "in.onnx"), tmp_path / "out.onnx"
+    assert main([str(src), str(out)]) == 0
+    assert onnx.load(str(out)).ir_version == 11
+    assert onnx.load(str(src)).ir_version == 11
+
+
+def custom_op_free_unslimmable() -> onnx.ModelProto:
+    b = Net((None, 3, 8, 8))
+    return b.build(b.conv(b.x, 4))
+
+
+@pytest.fixture(params=[True, False], ids=["O_TMPFILE", "mkstemp"])
+def unnamed(request, monkeypatch):
+    if request.param and not atomic._UNNAMED:
+        pytest.skip("no O_TMPFILE here")
+    monkeypatch.setattr(atomic, "_UNNAMED", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("mask", [0o027, 0o002])
+def test_output_mode_follows_the_umask(tmp_path, unnamed, mask):
+    old = os.umask(mask)
+    try:
+        model_io.save_atomic(redundant_cnn(), tmp_path / "m.onnx")
+        model_io.save_atomic(redundant_cnn(), tmp_path / "m.onnx")  # over an existing file
+        model_io.save_atomic(redundant_cnn(), tmp_path / "e.onnx", external=True)
+    finally:
+        os.umask(old)
+    for name in ("m.onnx", "e.onnx", "e.onnx.data"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.onnx", "e.onnx.data", "m.onnx"]
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_failed_serialization_leaves_no_file(tmp_path, monkeypatch, unnamed, external):
+    def fails(model, ir_version):
+        raise RuntimeError("serialization failed")
+
+    monkeypatch.setattr(model_io, "_serialized", fails)
+    with pytest.raises(RuntimeError):
+        model_io.save_atomic(redundant_cnn(), tmp_path / "m.onnx", external=external)
+    assert list(tmp_path.iterdir()) == []
+
+
+KILLED_WRITE = """import importlib.util, os, signal, sys
+spec = importlib.util.spec_from_file_location("atomic", sys.argv[1])  # no package imports
+atomic = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(atomic)
+with atomic.staged() as stage:
+    stage(sys.argv[2] + ".data").write(b"w" * 100_000)
+    stage(sys.argv[2]).write(b"half a model")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(not atomic._UNNAMED, reason="no O_TMPFILE here")
+def test_killed_write_leaves_no_file(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITE, atomic.__file__,
+                           str(tmp_path / "m.onnx")], timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert list(tmp_path.iterdir()) == []
+
+
+def _outputs(path: Path, feeds: dict) -> list[np.ndarray]:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def test_external_data_model_is_slimmed_to_external_data(tmp_path, capsys):
+    src = save(redundant_cnn(), tmp_path / "in.onnx", save_as_external_data=True,
+               location="in.onnx.data", size_threshold=0)
+    before = digests(tmp_path)
+    out = tmp_path / "out" / "out.onnx"
+    assert main([str(src), str(out)]) == 0
+    assert digests(tmp_path) == before  # (out/ is a directory: not hashed)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.onnx", "out.onnx.data"]
+    onnx.checker.check_model(str(out), full_check=True)
+    loaded = onnx.load(str(out))
+    assert any(t.data_location == T.EXTERNAL for t in onnx.load(str(out), load_external_data=False
+                                                              ).graph.initializer)
+    assert out.stat().st_size < 2048  # the weights are beside it, not in it
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(_outputs(out, feeds)[0], _outputs(src, feeds)[0],
+                               rtol=1e-4, atol=1e-4)
+    assert loaded.graph.initializer[0].dims[0] == 15  # the planted channel went
+
+
+def test_output_over_the_inline_limit_goes_to_external_data(tmp_path, capsys, monkeypatch,
+                                                           model_path):
+    monkeypatch.setattr(model_io, "INLINE_LIMIT", 1000)
+    out = tmp_path / "out.onnx"
+    assert main([str(model_path), str(out)]) == 0
+    assert (tmp_path / "out.onnx.data").is_file()
+    feeds = {"x": np.ones((1, 3, 8, 8), np.float32)}
+    np.testing.assert_allclose(_outputs(out, feeds)[0], _outputs(model_path, feeds)[0],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_model_proto_with_unloaded_external_data_is_refused(tmp_path):
+    src = save(redundant_cnn(), tmp_path / "in.onnx", save_as_external_data=True,
+               location="in.onnx.data", size_threshold=0)
+    with pytest.raises(SlimError, match="pass the model's path"):
+        slim(onnx.load(str(src), load_external_data=False))
+
+
+# 7. calibration data that cannot be used ----------------------------------------------
+def _npz(path: Path, **arrays) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+X = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
+BAD_DATA = [  # (data, words)
+    ({"x": X[:0]}, "is empty (no samples)"),
+    ({}, "is empty (no arrays)"),
+    ([], "is empty (no samples)"),
+    ({"x": X, "labels": np.zeros((8, 2), np.int64)}, "labels must be a 1-D array of integer"),
+    ({"x": X, "labels": np.zeros(8, np.float32)}, "labels must be a 1-D array of integer"),
+    ([{"x": X, "labels": np.zeros(8)}], "labels must be a 1-D array of integer"),
+    ({"x": np.full((8, 3, 8, 8), 1e39)}, "beyond the range of float32"),
+    (42, "must be a .npz/.npy path"),
+]
+
+
+@pytest.mark.parametrize(("data", "words"), BAD_DATA)
+def test_unusable_calibration_data_is_refused(model_path, data, words):
+    with pytest.raises(BadDataError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        slim(str(model_path), data=data, ratio=0.5, latency_runs=0)
+
+
+def test_int64_data_beyond_int32_input_is_refused(tmp_path, capsys):
+    src = save(int32_model(), tmp_path / "in.onnx")
+    data = _npz(tmp_path / "d.npz", x=np.full((4, 4), 2**40, np.int64))
+    refused(capsys, [src, tmp_path / "o.onnx", "--data", data, "--ratio", "0.2"],
+            "input x", "beyond the range of int32")
+    ok = _npz(tmp_path / "ok.npz", x=np.arange(16, dtype=np.int64).reshape(4, 4))
+    assert main([str(src), str(tmp_path / "o.onnx"), "--data", str(ok), "--ratio", "0"]) == 0
+
+
+def test_empty_npz_and_holdout_without_labels_are_refused_by_the_cli(tmp_path, capsys,
+                                                                     model_path):
+    empty = _npz(tmp_path / "empty.npz", x=X[:0])
+    refused(capsys, [model_path, tmp_path / "o.onnx", "--data", empty, "--ratio", "0.3"],
+            "calibration data is empty")
+    good = _npz(tmp_path / "good.npz", x=X)
+    refused(capsys, [model_path, tmp_path / "o.onnx", "--data", good, "--holdout", empty,
+                     "--ratio", "0.3"], "hold-out data is empty")
+    refused(capsys, [model_path, tmp_path / "o.onnx", "--data", good,
+                     "--max-accuracy-drop", "0.01"], "--max-accuracy-drop needs labels")
+    assert not (tmp_path / "o.onnx").exists()
