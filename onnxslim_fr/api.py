@@ -10,13 +10,15 @@ from dataclasses import dataclass
 
 import onnx
 
-from . import calibrate, model_io, refit, report, rewrite, validate
+from . import calibrate, calibrated, model_io, report, rewrite, validate
 from .channels import GroupSet, Role, build_groups
+from .channels.groups import kept_channels
 from .channels.handlers import handler_for
-from .errors import BadDataError, ValidationError
+from .errors import ValidationError
 from .feeds import validation_feeds
 from .graph import Graph, name_nodes, normalize
-from .lumping import exact, redundancy
+from .lumping import exact
+from .lumping.plan import methods_by_producer
 from .options import check_arguments, check_labels, check_source
 
 log = logging.getLogger(__name__)
@@ -43,22 +45,24 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
          holdout: calibrate.DataSource | None = None,
          ratio: float | None = None, target: str = "flops",
          max_error: float | None = None, max_accuracy_drop: float | None = None,
-         method: str = "lfrns", threshold: float = 0.05, compensate: bool = True,
-         sequential_refit: bool = True,
+         min_agreement: float | None = None, method: str = "lfrns", threshold: float = 0.05,
+         compensate: bool = True, sequential_refit: bool = True,
          batch_size: int = 64, max_samples: int | None = None,
          input_shapes: Mapping[str, tuple[int, ...]] | None = None,
          tolerance: float | None = None, latency_runs: int = 10, seed: int = 0) -> SlimResult:
     """Exact lumping, then (with `data`) functional-redundancy merging within a budget.
 
     `ratio` removes that fraction of the model's FLOPs (`target="params"`: parameters);
-    `max_error` / `max_accuracy_drop` take the largest reduction that stays within them on
+    `max_error` (per output) / `max_accuracy_drop` / `min_agreement` (top-1 agreement with
+    the original, no labels needed) take the largest reduction that stays within them on
     `holdout` (or `data`). The exact part is validated on inputs that exercise every branch
     (and on the first calibration samples): over `tolerance` (None: by the model's float
     type, see validate.default_tolerance) raises ValidationError and nothing is written.
     """
     check_arguments(
         model=model, output=output, data=data, holdout=holdout, ratio=ratio,
-        max_error=max_error, max_accuracy_drop=max_accuracy_drop, target=target, method=method,
+        max_error=max_error, max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement,
+        target=target, method=method,
         threshold=threshold, batch_size=batch_size, max_samples=max_samples,
         input_shapes=input_shapes, tolerance=tolerance)
     source = model_io.read(model)
@@ -81,10 +85,10 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
                                    what="hold-out data") if holdout is not None else calib
         check_labels(max_accuracy_drop, held.labels)
         check_set, labels = held.batches, held.labels
-        options = dict(method=method, target=target, threshold=threshold,
-                       compensate=compensate, refit=sequential_refit, feeds=cost_feeds)
-        work = _redundant(original, work, calib, held, ratio, max_error, max_accuracy_drop,
-                          options, notes, methods)
+        budget = calibrated.Budget(ratio, max_error, max_accuracy_drop, min_agreement)
+        options = calibrated.Options(method, target, threshold, compensate, sequential_refit)
+        work = calibrated.run(original, work, calib, held, budget, options, cost_feeds,
+                              notes, methods)
     elif not any(m == "exact" for m in methods.values()):
         work = original  # nothing to gain: hand back the model exactly as it came
     cmp = exact_cmp if data is None else validate.compare(original, work, check_set, labels)
@@ -119,98 +123,18 @@ def _exact(work: onnx.ModelProto, max_rounds: int = 6
                  sum(p.removed for p in plans.values()))
         if not plans:
             break
-        _record(groups, plans, methods)
+        methods.update(methods_by_producer(groups, plans))
         work = rewrite.apply(work, graph, groups, plans)
     return work, first, rounds, methods
 
 
-def _redundant(original: onnx.ModelProto, work: onnx.ModelProto, calib: calibrate.Dataset,
-               held: calibrate.Dataset, ratio: float | None, max_error: float | None,
-               max_drop: float | None, options: dict, notes: list[str],
-               methods: dict[str, str]) -> onnx.ModelProto:
-    graph = Graph(work)
-    groups = build_groups(graph)
-    stats = calibrate.collect(work, groups, calib)
-    feeds = options["feeds"]
-    base, now = report.flops(original, feeds), report.flops(work, feeds)
-    probe = validate.output_error_probe(work, graph, groups, calib.head(_probe_samples(
-        calib.samples, len(groups.active()))))
-
-    sequential = options.pop("refit") and options["compensate"] and \
-        options["method"] != "magnitude"
-    refit_groups = sorted({gid for _, gid in stats.points})
-
-    def slimmed(fraction: float) -> onnx.ModelProto:
-        plans = redundancy.plan(graph, groups, stats, fraction=fraction, probe=probe,
-                                **options)
-        _record(groups, plans, methods)
-        if sequential:
-            return refit.refit(work, graph, groups, plans, calib, refit_groups)[0]
-        return rewrite.apply(work, graph, groups, plans)
-
-    if ratio is not None:
-        if not 0 <= ratio < 1:
-            raise BadDataError(f"--ratio must be in [0, 1), got {ratio}")
-        if options["target"] == "params":
-            base, now = report.params(original), report.params(work)
-        fraction = (1 - ratio) * base / max(now, 1)
-        if fraction >= 1:
-            notes.append("exact lumping alone met the budget")
-            return work
-        result = slimmed(fraction)
-        reached = report.params(result) if options["target"] == "params" else \
-            report.flops(result, feeds)
-        if reached > (1 - ratio) * base * 1.02:
-            notes.append(f"budget not met: reached {reached / base:.3f} of the original "
-                         f"{options['target']} (frozen groups limit the reduction)")
-        return result
-    return _search(original, held, slimmed, max_error, max_drop, notes) or work
-
-
-def _probe_samples(samples: int, groups: int, most: int = 128, least: int = 8) -> int:
-    """Samples per sensitivity probe: one probe per group runs the whole model, so all
-    probes together cost about one pass over the calibration set, within [least, most]."""
-    return max(least, min(most, samples // max(groups, 1)))
-
-
-def _search(original: onnx.ModelProto, held: calibrate.Dataset, slimmed, max_error: float | None,
-            max_drop: float | None, notes: list[str]) -> onnx.ModelProto | None:
-    """Bisection on the kept cost fraction for the largest reduction within the bound."""
-    if max_drop is not None and held.labels is None:
-        raise BadDataError("--max-accuracy-drop needs labels in the hold-out data")
-
-    def within(model: onnx.ModelProto) -> bool:
-        cmp = validate.compare(original, model, held.batches, held.labels)
-        if max_drop is not None:
-            return cmp.accuracy_before - cmp.accuracy_after <= max_drop
-        return cmp.max_rel_error <= max_error
-
-    lo, hi, best = 0.02, 1.0, None
-    for _ in range(8):
-        mid = (lo + hi) / 2
-        candidate = slimmed(mid)
-        if within(candidate):
-            best, hi = candidate, mid
-        else:
-            lo = mid
-    if best is None:
-        notes.append("no reduction stays within the error bound")
-    return best
-
-
-def _record(groups: GroupSet, plans: dict, methods: dict[str, str]) -> None:
-    """Remember the method per group by its first producer (names survive rewrites)."""
-    for gid, p in plans.items():
-        for m in groups.groups[gid].members:
-            if m.role is Role.PRODUCER:
-                methods[m.node] = p.method
-
-
 def _group_rows(groups: GroupSet, final: Graph | None, methods: dict[str, str]) -> list[dict]:
     rows = []
+    pieces = kept_channels(groups, final) if final else {}  # a Split's pieces of an output
     for g in groups.groups.values():
         producers = [m.node for m in g.members if m.role is Role.PRODUCER]
-        kept = _out_channels(final, producers[0], g.size) if final and producers else g.size
+        kept = pieces.get(g.id) or (_out_channels(final, producers[0], g.size)
+                                    if final and producers else g.size)
         method = "frozen" if g.frozen else next((methods[p] for p in producers
                                                  if p in methods), "-")
         rows.append({"id": g.id, "size": g.size, "kept": kept, "producers": producers,

@@ -22,7 +22,7 @@ from .channels.layout import Layout
 from .channels.structures import GroupSet
 from .errors import BadDataError
 from .graph import Graph
-from .lumping.consumers import segment_of
+from .lumping.consumers import occurrences
 from .runtime import input_specs, is_float, session
 
 DataSource = str | os.PathLike[str] | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]
@@ -35,13 +35,17 @@ class Dataset:
 
     batches: list[dict[str, np.ndarray]]
     labels: np.ndarray | None = None
+    fixed_batch: int | None = None  # the model's inputs take exactly this many samples
 
     @property
     def samples(self) -> int:
         return sum(len(next(iter(b.values()))) for b in self.batches)
 
     def head(self, limit: int) -> list[dict[str, np.ndarray]]:
-        """The batches of the first `limit` samples (the last one cut to fit)."""
+        """The batches of the first `limit` samples (the last one cut to fit; whole batches,
+        at least one, when the model's batch size is fixed)."""
+        if self.fixed_batch:
+            return self.batches[:max(1, limit // self.fixed_batch)]
         out, seen = [], 0
         for batch in self.batches:
             if seen >= limit:
@@ -61,6 +65,7 @@ def load_data(source: DataSource, model: onnx.ModelProto, *, batch_size: int = 6
         source = _read_file(Path(source))
     if isinstance(source, Mapping):
         return _from_arrays(dict(source), specs, batch_size, max_samples, what)
+    fixed = fixed_batch(specs)
     if hasattr(source, "get_next"):
         source = iter(source.get_next, None)
     if not isinstance(source, Iterable):
@@ -78,7 +83,10 @@ def load_data(source: DataSource, model: onnx.ModelProto, *, batch_size: int = 6
         label = None if label is None else _labels(label, n)
         if n == 0:
             continue
-        if max_samples is not None and seen + n > max_samples:
+        if fixed and n != fixed:
+            raise BadDataError(f"{what}: the model takes batches of exactly {fixed} samples, "
+                               f"got a batch of {n}")
+        if max_samples is not None and seen + n > max_samples and not fixed:
             batch = {k: v[: max_samples - seen] for k, v in batch.items()}
             label = None if label is None else label[: max_samples - seen]
         batches.append(batch)
@@ -89,7 +97,13 @@ def load_data(source: DataSource, model: onnx.ModelProto, *, batch_size: int = 6
     if not batches:
         raise BadDataError(f"{what} is empty (no samples)")
     have = [lab for lab in labels if lab is not None]
-    return Dataset(batches, np.concatenate(have) if len(have) == len(labels) else None)
+    return Dataset(batches, np.concatenate(have) if len(have) == len(labels) else None, fixed)
+
+
+def fixed_batch(specs: dict) -> int | None:
+    """The batch size every input fixes on its first axis, if any does."""
+    sizes = {dims[0] for dims, _ in specs.values() if dims and dims[0] is not None}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _read_file(path: Path) -> dict[str, np.ndarray]:
@@ -115,8 +129,14 @@ def _from_arrays(arrays: dict[str, np.ndarray], specs: dict, batch_size: int,
         raise BadDataError(f"{what} is empty (no samples)")
     labels = None if labels is None else _labels(labels, n)
     n = min(n, max_samples) if max_samples else n
+    fixed = fixed_batch(specs)
+    if fixed:  # batches of exactly the model's size; a short tail cannot be fed
+        if n < fixed:
+            raise BadDataError(f"{what} has {n} samples; the model takes batches of exactly "
+                               f"{fixed}")
+        batch_size, n = fixed, n - n % fixed
     batches = [{k: v[i:i + batch_size] for k, v in full.items()} for i in range(0, n, batch_size)]
-    return Dataset(batches, None if labels is None else labels[:n])
+    return Dataset(batches, None if labels is None else labels[:n], fixed)
 
 
 def _labels(labels: object, samples: int) -> np.ndarray:
@@ -212,24 +232,27 @@ class ChannelStats:
 def collect(model: onnx.ModelProto, groups: GroupSet, data: Dataset) -> ChannelStats:
     """One onnxruntime session with the read points added as outputs; stream the batches."""
     wanted = [(t, g.id) for g in groups.active() for t in g.read_points
-              if segment_of(groups, t, g.id) is not None]
+              if occurrences(groups, t, g.id)]
     tensors = sorted({t for t, _ in wanted})
-    sess = session(with_outputs(model, tensors))
     stats = ChannelStats()
+    if not tensors:  # onnxruntime would return every output for an empty request
+        return stats
+    sess = session(with_outputs(model, tensors))
     bar = tqdm(data.batches, desc="calibrating", unit="batch", disable=not sys.stderr.isatty(),
                leave=False)
     for batch in bar:
         values = dict(zip(tensors, sess.run(tensors, batch), strict=True))
         for tensor, gid in wanted:
-            k, _ = segment_of(groups, tensor, gid)
-            rows = channel_rows(values[tensor], groups.layouts[tensor], k)
-            point = stats.points.get((tensor, gid))
-            if point is None:
-                c = rows.shape[1]
-                point = stats.points[(tensor, gid)] = PointStats(0, np.zeros(c), np.zeros((c, c)))
-            point.count += len(rows)
-            point.total += np.ones(len(rows), rows.dtype) @ rows  # BLAS, not a ufunc reduce
-            point.gram += rows.T @ rows
+            for k, _ in occurrences(groups, tensor, gid):  # a repeated group pools them
+                rows = channel_rows(values[tensor], groups.layouts[tensor], k)
+                point = stats.points.get((tensor, gid))
+                if point is None:
+                    c = rows.shape[1]
+                    point = stats.points[(tensor, gid)] = PointStats(0, np.zeros(c),
+                                                                     np.zeros((c, c)))
+                point.count += len(rows)
+                point.total += np.ones(len(rows), rows.dtype) @ rows  # BLAS, not ufunc reduce
+                point.gram += rows.T @ rows
         stats.samples += len(next(iter(batch.values())))
     return stats
 

@@ -71,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
                         help="largest held-out relative output error accepted")
     budget.add_argument("--max-accuracy-drop", type=float,
                         help="largest held-out accuracy drop accepted (needs labels)")
+    budget.add_argument("--min-agreement", type=float, metavar="A",
+                        help="smallest held-out top-1 agreement with the original accepted "
+                             "(no labels needed)")
     data.add_argument("--target", choices=("flops", "params"), default="flops")
     data.add_argument("--method", choices=METHODS, default="lfrns")
     data.add_argument("--threshold", type=float, default=0.05,
@@ -131,7 +134,8 @@ def _run(args: argparse.Namespace, written: list[str]) -> int:
     result = slim(args.input, args.output, input_shapes=dict(args.input_shape),
                   tolerance=args.tolerance, data=args.data, holdout=args.holdout,
                   ratio=args.ratio, max_error=args.max_error,
-                  max_accuracy_drop=args.max_accuracy_drop, target=args.target,
+                  max_accuracy_drop=args.max_accuracy_drop,
+                  min_agreement=args.min_agreement, target=args.target,
                   method=args.method, threshold=args.threshold,
                   compensate=not args.no_compensate, sequential_refit=not args.no_refit,
                   batch_size=args.batch_size,

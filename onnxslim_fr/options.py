@@ -19,17 +19,18 @@ from .lumping.redundancy import METHODS
 from .model_io import Source, check_runnable, data_path
 
 TARGETS = ("flops", "params")
-BUDGET_FLAGS = ("--ratio", "--max-error", "--max-accuracy-drop")
+BUDGET_FLAGS = ("--ratio", "--max-error", "--max-accuracy-drop", "--min-agreement")
 
 
 def check_arguments(*, model: object, output: str | os.PathLike[str] | None,
                     data: object, holdout: object, ratio: float | None,
-                    max_error: float | None, max_accuracy_drop: float | None, target: str,
+                    max_error: float | None, max_accuracy_drop: float | None,
+                    min_agreement: float | None, target: str,
                     method: str, threshold: float, batch_size: int, max_samples: int | None,
                     input_shapes: Mapping[str, Sequence[int]] | None,
                     tolerance: float | None) -> None:
     """Every check that needs no model: values, combinations, paths."""
-    check_budget(data, holdout, ratio, max_error, max_accuracy_drop)
+    check_budget(data, holdout, ratio, max_error, max_accuracy_drop, min_agreement)
     if tolerance is not None:  # None: chosen by the model's float type
         _require("--tolerance", tolerance, lambda v: v > 0, "> 0")
     _require("--threshold", threshold, lambda v: 0 < v <= 1, "in (0, 1]")
@@ -47,9 +48,9 @@ def check_arguments(*, model: object, output: str | os.PathLike[str] | None,
 
 
 def check_budget(data: object, holdout: object, ratio: float | None, max_error: float | None,
-                 max_accuracy_drop: float | None) -> None:
+                 max_accuracy_drop: float | None, min_agreement: float | None = None) -> None:
     """Calibrated mode needs data and exactly one budget; exact mode takes neither."""
-    values = (ratio, max_error, max_accuracy_drop)
+    values = (ratio, max_error, max_accuracy_drop, min_agreement)
     given = [flag for flag, value in zip(BUDGET_FLAGS, values, strict=True) if value is not None]
     if len(given) > 1:
         raise UsageError(f"{' and '.join(given)} exclude each other: give one budget")
@@ -58,14 +59,16 @@ def check_budget(data: object, holdout: object, ratio: float | None, max_error: 
     if data is None and holdout is not None:
         raise UsageError("--holdout needs calibration data (--data)")
     if data is not None and not given:
-        raise UsageError("--data needs a budget: add --ratio R, --max-error E or "
-                         "--max-accuracy-drop D")
+        raise UsageError("--data needs a budget: add --ratio R, --max-error E, "
+                         "--max-accuracy-drop D or --min-agreement A")
     if ratio is not None:
         _require("--ratio", ratio, lambda v: 0 <= v < 1, "in [0, 1)")
     if max_error is not None:
         _require("--max-error", max_error, lambda v: v > 0, "> 0")
     if max_accuracy_drop is not None:
         _require("--max-accuracy-drop", max_accuracy_drop, lambda v: 0 <= v <= 1, "in [0, 1]")
+    if min_agreement is not None:
+        _require("--min-agreement", min_agreement, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 def check_labels(max_accuracy_drop: float | None, labels: object) -> None:

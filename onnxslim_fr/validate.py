@@ -22,6 +22,10 @@ from .runtime import first_line, is_float, run, session, try_run
 TOLERANCES = {onnx.TensorProto.FLOAT16: 2e-3, onnx.TensorProto.BFLOAT16: 2e-2}
 DEFAULT_TOLERANCE = 1e-4
 SCALE_FLOOR = 1e-12  # an output whose largest magnitude is below this counts as all-zero
+#: An output is measured on its own scale, but never on one below this share of the largest
+#: output's: an output that is (nearly) all zeros would otherwise turn float rounding noise
+#: into a huge relative error, while a 5% error on a small output is still seen.
+RELATIVE_FLOOR = 1e-3
 
 
 @dataclass
@@ -111,11 +115,12 @@ def compare(original: onnx.ModelProto, slimmed: onnx.ModelProto,
         if _looks_like_scores(outs_a[0]) and np.shape(outs_b[0]) == np.shape(outs_a[0]):
             preds_a.append(np.asarray(outs_a[0]).argmax(1))
             preds_b.append(np.asarray(outs_b[0]).argmax(1))
+    floor = max(SCALE_FLOOR, RELATIVE_FLOOR * max((e.scale for e in errors), default=0.0))
     for err in errors:
         if problem:
             err.broken(problem)
         elif err.mismatches == 0 and math.isfinite(err.max_rel_error):
-            err.max_rel_error = err.max_abs_error / max(err.scale, SCALE_FLOOR)
+            err.max_rel_error = err.max_abs_error / max(err.scale, floor)
     result = Comparison(max((e.max_abs_error for e in errors), default=0.0),
                         max((e.max_rel_error for e in errors), default=0.0), None,
                         outputs=errors)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..channels.structures import GroupSet, Role
+
 
 @dataclass
 class GroupPlan:
@@ -65,3 +67,10 @@ def removal_plan(size: int, keep: np.ndarray, read_points: list[str],
         offset[removed] = removed_off
         mixes[name] = (mix, offset)
     return GroupPlan(size, keep, mixes, method)
+
+
+def methods_by_producer(groups: GroupSet, plans: Plan) -> dict[str, str]:
+    """The method that planned each group, keyed by its producers' node names (node names
+    survive rewrites, group ids do not), for the report's groups table."""
+    return {m.node: p.method for gid, p in plans.items()
+            for m in groups.groups[gid].members if m.role is Role.PRODUCER}

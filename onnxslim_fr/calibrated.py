@@ -1,0 +1,172 @@
+"""The calibrated pass: statistics, redundancy plans within a budget, sequential refit.
+
+It runs on the model exact lumping left, so what it measures is only what calibration
+adds. A budget is a cost ratio (met by allocation) or a bound on a measured fidelity
+(met by bisection on the kept cost). A model with nothing to calibrate comes back as it
+was, with a note that says why, rather than an error: the user asked for a smaller model
+and got the smallest correct one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnx
+
+from . import calibrate, refit, report, rewrite, validate
+from .channels import GroupSet, build_groups
+from .channels.handlers import QUANTIZED_OPS
+from .errors import BadDataError
+from .graph import Graph
+from .lumping import redundancy
+from .lumping.plan import Plan, methods_by_producer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Exactly one is set: a cost ratio to remove, or a bound on measured fidelity."""
+
+    ratio: float | None = None
+    max_error: float | None = None
+    max_accuracy_drop: float | None = None
+    min_agreement: float | None = None
+
+
+@dataclass(frozen=True)
+class Options:
+    method: str = "lfrns"
+    target: str = "flops"
+    threshold: float = 0.05
+    compensate: bool = True
+    refit: bool = True
+
+
+def run(original: onnx.ModelProto, work: onnx.ModelProto, calib: calibrate.Dataset,
+        held: calibrate.Dataset, budget: Budget, options: Options, cost_feeds: dict,
+        notes: list[str], methods: dict[str, str]) -> onnx.ModelProto:
+    """`work` slimmed further within `budget`; notes say what limited it."""
+    graph = Graph(work)
+    groups = build_groups(graph)
+    why = nothing_to_calibrate(graph, groups)
+    if why:
+        notes.append(f"nothing to calibrate: {why}; the model is returned as exact lumping "
+                     f"left it")
+        return work
+    stats = calibrate.collect(work, groups, calib)
+    if not stats.points:
+        notes.append("nothing to calibrate: no unfrozen group has a consumer to merge into")
+        return work
+    _warn_few_samples(groups, stats, notes)
+    probe = validate.output_error_probe(work, graph, groups, calib.head(_probe_samples(
+        calib.samples, len(groups.active()))))
+    sequential = options.refit and options.compensate and options.method != "magnitude"
+    refit_groups = sorted({gid for _, gid in stats.points})
+
+    def slimmed(fraction: float) -> onnx.ModelProto:
+        plans: Plan = redundancy.plan(
+            graph, groups, stats, fraction=fraction, probe=probe, method=options.method,
+            target=options.target, threshold=options.threshold,
+            compensate=options.compensate, feeds=cost_feeds)
+        methods.update(methods_by_producer(groups, plans))
+        if sequential:
+            return refit.refit(work, graph, groups, plans, calib, refit_groups)[0]
+        return rewrite.apply(work, graph, groups, plans)
+
+    if budget.ratio is not None:
+        return _by_ratio(original, work, budget.ratio, options.target, cost_feeds, slimmed, notes)
+    return _search(original, held, slimmed, budget, notes) or work
+
+
+def nothing_to_calibrate(graph: Graph, groups: GroupSet) -> str | None:
+    """Why calibration cannot change this model, or None when it can."""
+    if groups.active():
+        return None
+    quantized = next((n for n in graph.nodes if n.op_type in QUANTIZED_OPS), None)
+    if quantized is not None:
+        return (f"quantized graph ({quantized.op_type} at node {quantized.name}) is out of "
+                f"scope; slim the float model, then quantize")
+    if not groups.groups:
+        return "no Conv, Gemm or MatMul with constant weights writes channels"
+    return "every channel group is frozen (the groups table gives each reason)"
+
+
+def _warn_few_samples(groups: GroupSet, stats: calibrate.ChannelStats,
+                      notes: list[str]) -> None:
+    """A group with more channels than observations has a singular covariance: its merge
+    is a guess the ridge keeps tame, not a fit. Say so once per group."""
+    seen: set[int] = set()
+    for (tensor, gid), point in stats.points.items():
+        size = groups.groups[gid].size
+        if point.count < size and gid not in seen:
+            seen.add(gid)
+            message = (f"calibration: {point.count} observations at {tensor} for a group of "
+                       f"{size} channels; give more samples for a reliable merge")
+            log.warning("onnxslim-fr: warning: %s", message)
+            notes.append(message)
+
+
+def _by_ratio(original: onnx.ModelProto, work: onnx.ModelProto, ratio: float, target: str,
+              feeds: dict, slimmed: Callable[[float], onnx.ModelProto],
+              notes: list[str]) -> onnx.ModelProto:
+    def cost(model: onnx.ModelProto) -> float:
+        return report.params(model) if target == "params" else report.flops(model, feeds)
+
+    base = cost(original)
+    fraction = (1 - ratio) * base / max(cost(work), 1)
+    if fraction >= 1:
+        notes.append("exact lumping alone met the budget")
+        return work
+    result = slimmed(fraction)
+    reached = cost(result)
+    if reached > (1 - ratio) * base * 1.02:
+        notes.append(f"budget not met: reached {reached / base:.3f} of the original "
+                     f"{target} (frozen groups limit the reduction)")
+    return result
+
+
+def _probe_samples(samples: int, groups: int, most: int = 128, least: int = 8) -> int:
+    """Samples per sensitivity probe: one probe per group runs the whole model, so all
+    probes together cost about one pass over the calibration set, within [least, most]."""
+    return max(least, min(most, samples // max(groups, 1)))
+
+
+def _search(original: onnx.ModelProto, held: calibrate.Dataset,
+            slimmed: Callable[[float], onnx.ModelProto], budget: Budget,
+            notes: list[str]) -> onnx.ModelProto | None:
+    """Bisection on the kept cost fraction for the largest reduction within the bound."""
+    within = _bound(original, held, budget)
+    lo, hi, best = 0.02, 1.0, None
+    for _ in range(8):
+        mid = (lo + hi) / 2
+        candidate = slimmed(mid)
+        if within(candidate):
+            best, hi = candidate, mid
+        else:
+            lo = mid
+    if best is None:
+        notes.append("no reduction stays within the bound")
+    return best
+
+
+def _bound(original: onnx.ModelProto, held: calibrate.Dataset, budget: Budget
+           ) -> Callable[[onnx.ModelProto], bool]:
+    """The fidelity test a candidate must pass on the hold-out data."""
+    if budget.min_agreement is not None:
+        first = validate.compare(original, original, held.head(1))
+        if first.top1_agreement is None:
+            raise BadDataError("--min-agreement needs a first output of class scores "
+                               "(batch, classes); use --max-error for other outputs")
+
+    def within(model: onnx.ModelProto) -> bool:
+        cmp = validate.compare(original, model, held.batches, held.labels)
+        if budget.max_accuracy_drop is not None:
+            return cmp.accuracy_before - cmp.accuracy_after <= budget.max_accuracy_drop
+        if budget.min_agreement is not None:
+            return (cmp.top1_agreement or 0.0) >= budget.min_agreement
+        return cmp.max_rel_error <= budget.max_error
+
+    return within
