@@ -1,5 +1,7 @@
 """onnxslim-fr: make ONNX models smaller by removing functionally redundant channels."""
 
+import logging
+
 from .api import SlimResult, analyze, slim
 from .errors import (
     BadDataError,
@@ -10,6 +12,9 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
+
+# a library logs, it does not print: the CLI (or the application) decides where logs go
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "BadDataError",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from . import calibrate, calibrated, model_io, report, rewrite, validate
+from . import calibrate, calibrated, latency, model_io, report, rewrite, validate
 from .channels import GroupSet, Role, build_groups
 from .channels.groups import kept_channels
 from .channels.handlers import handler_for
@@ -18,8 +18,10 @@ from .errors import ValidationError
 from .feeds import validation_feeds
 from .graph import Graph, name_nodes, normalize
 from .lumping import exact
+from .lumping.budget import DEFAULT_ROUND_TO
 from .lumping.plan import methods_by_producer
 from .options import check_arguments, check_labels, check_source
+from .runtime import current_provider, on_provider
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ def analyze(model: ModelSource) -> tuple[GroupSet, list[dict]]:
     return groups, _group_rows(groups, None, {})
 
 
+@on_provider  # every onnxruntime session of the call runs on `provider`
 def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
          data: calibrate.DataSource | None = None,
          holdout: calibrate.DataSource | None = None,
@@ -49,7 +52,9 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
          compensate: bool = True, sequential_refit: bool = True,
          batch_size: int = 64, max_samples: int | None = None,
          input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-         tolerance: float | None = None, latency_runs: int = 10, seed: int = 0) -> SlimResult:
+         tolerance: float | None = None, round_to: int = DEFAULT_ROUND_TO,
+         provider: str | None = None, latency_runs: int = 30, latency_batch: int = 1,
+         threads: int | None = None, seed: int = 0) -> SlimResult:
     """Exact lumping, then (with `data`) functional-redundancy merging within a budget.
 
     `ratio` removes that fraction of the model's FLOPs (`target="params"`: parameters);
@@ -58,20 +63,26 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
     `holdout` (or `data`). The exact part is validated on inputs that exercise every branch
     (and on the first calibration samples): over `tolerance` (None: by the model's float
     type, see validate.default_tolerance) raises ValidationError and nothing is written.
+    Kept channel counts are multiples of `round_to` (1: any count). `provider` names the
+    onnxruntime execution provider for every run (None: CPU). Latency: at least
+    `latency_runs` alternating runs of each model (0: not measured) at `latency_batch`
+    on `threads` intra-op threads (None: every CPU this process may use).
     """
     check_arguments(
         model=model, output=output, data=data, holdout=holdout, ratio=ratio,
         max_error=max_error, max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement,
         target=target, method=method,
         threshold=threshold, batch_size=batch_size, max_samples=max_samples,
-        input_shapes=input_shapes, tolerance=tolerance)
+        input_shapes=input_shapes, tolerance=tolerance, round_to=round_to, provider=provider,
+        latency_runs=latency_runs, latency_batch=latency_batch, threads=threads)
     source = model_io.read(model)
     check_source(source, output, input_shapes)
     original = name_nodes(source.model)  # onnxruntime refuses repeated node names
     tolerance = validate.default_tolerance(original) if tolerance is None else tolerance
     calib = None if data is None else calibrate.load_data(
         data, original, batch_size=batch_size, max_samples=max_samples)
-    work, first, rounds, methods = _exact(normalize(model_io.load(original)))
+    normalized = normalize(model_io.load(original))  # weights in Constant nodes counted too
+    work, first, rounds, methods = _exact(normalized)
     randoms = validation_feeds(original, input_shapes, seed=seed,
                                fallback=calib.batches if calib else ())
     exact_cmp = validate.compare(original, work, randoms + (calib.head(64) if calib else []))
@@ -86,7 +97,8 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
         check_labels(max_accuracy_drop, held.labels)
         check_set, labels = held.batches, held.labels
         budget = calibrated.Budget(ratio, max_error, max_accuracy_drop, min_agreement)
-        options = calibrated.Options(method, target, threshold, compensate, sequential_refit)
+        options = calibrated.Options(method, target, threshold, compensate, sequential_refit,
+                                     round_to)
         work = calibrated.run(original, work, calib, held, budget, options, cost_feeds,
                               notes, methods)
     elif not any(m == "exact" for m in methods.values()):
@@ -95,13 +107,15 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
     if not math.isfinite(cmp.max_rel_error):  # NaN/Inf or a shape change: damage, not error
         raise ValidationError(cmp.failure(tolerance))
     rep = report.Report(
-        before=report.figures(original, cost_feeds, latency_runs=latency_runs),
-        after=report.figures(work, cost_feeds, latency_runs=latency_runs),
+        before=report.figures(original, cost_feeds, counted=normalized),
+        after=report.figures(work, cost_feeds),
         max_abs_error=cmp.max_abs_error, max_rel_error=cmp.max_rel_error,
         groups=_group_rows(first, Graph(work), methods), rounds=rounds,
         top1_agreement=cmp.top1_agreement, accuracy_before=cmp.accuracy_before,
         accuracy_after=cmp.accuracy_after, exact_max_rel_error=exact_cmp.max_rel_error,
-        notes=notes, output_errors=cmp.output_rows())
+        notes=notes, output_errors=cmp.output_rows(), provider=current_provider(),
+        latency=latency.measure(original, work, cost_feeds, latency.Timing(
+            latency_runs, latency_batch, threads), notes))
     if output is not None:
         model_io.save_atomic(work, output, ir_version=source.ir_version,
                              external=source.external)

@@ -341,7 +341,8 @@ def slice_of(graph: Graph, outputs: list[str], available: frozenset[str] | set[s
         wanted.append(node)
         todo.extend(graph.inputs_of(node))
     order = {id(n): i for i, n in enumerate(graph.nodes)}
-    return sorted(wanted, key=lambda n: order[id(n)]), list(frontier)
+    made = {o for n in wanted for o in n.output}  # a Split computing one output makes all
+    return sorted(wanted, key=lambda n: order[id(n)]), [t for t in frontier if t not in made]
 
 
 def cut(graph: Graph, outputs: list[str], available: frozenset[str] | set[str] = frozenset()

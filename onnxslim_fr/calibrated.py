@@ -43,6 +43,7 @@ class Options:
     threshold: float = 0.05
     compensate: bool = True
     refit: bool = True
+    round_to: int = 1
 
 
 def run(original: onnx.ModelProto, work: onnx.ModelProto, calib: calibrate.Dataset,
@@ -70,7 +71,7 @@ def run(original: onnx.ModelProto, work: onnx.ModelProto, calib: calibrate.Datas
         plans: Plan = redundancy.plan(
             graph, groups, stats, fraction=fraction, probe=probe, method=options.method,
             target=options.target, threshold=options.threshold,
-            compensate=options.compensate, feeds=cost_feeds)
+            compensate=options.compensate, feeds=cost_feeds, round_to=options.round_to)
         methods.update(methods_by_producer(groups, plans))
         if sequential:
             return refit.refit(work, graph, groups, plans, calib, refit_groups)[0]

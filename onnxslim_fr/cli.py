@@ -21,6 +21,7 @@ from . import __version__
 from .api import analyze, slim
 from .atomic import write_atomic
 from .errors import SlimError, UsageError
+from .lumping.budget import DEFAULT_ROUND_TO
 from .lumping.redundancy import METHODS
 from .options import check_paths
 from .report import render_groups
@@ -83,8 +84,18 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--no-refit", action="store_true",
                       help="one-shot merge: skip the sequential refit against the original "
                       "activations (ablation; faster, less accurate)")
+    data.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO, metavar="N",
+                      help="kept channel counts are multiples of N, which CPU kernels run "
+                      f"fastest (default {DEFAULT_ROUND_TO}; 1: any count)")
     data.add_argument("--batch-size", type=int, default=64)
     data.add_argument("--max-samples", type=int)
+    run = p.add_argument_group("onnxruntime")
+    run.add_argument("--provider", metavar="NAME", help="execution provider for calibration, "
+                     "refit, validation and latency, e.g. CUDA (default CPU)")
+    run.add_argument("--latency-batch", type=int, default=1, metavar="B",
+                     help="batch size of the latency measurement (default 1)")
+    run.add_argument("--threads", type=int, metavar="N", help="intra-op threads of the "
+                     "latency measurement (default: every CPU this process may use)")
     p.add_argument("--inspect", action="store_true",
                    help="print channel groups and freeze reasons; write nothing")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress; tracebacks")
@@ -138,8 +149,9 @@ def _run(args: argparse.Namespace, written: list[str]) -> int:
                   min_agreement=args.min_agreement, target=args.target,
                   method=args.method, threshold=args.threshold,
                   compensate=not args.no_compensate, sequential_refit=not args.no_refit,
-                  batch_size=args.batch_size,
-                  max_samples=args.max_samples)
+                  batch_size=args.batch_size, max_samples=args.max_samples,
+                  round_to=args.round_to, provider=args.provider,
+                  latency_batch=args.latency_batch, threads=args.threads)
     written.append(args.output)
     if args.report:  # files first: a closed stdout must not cost the report
         try:

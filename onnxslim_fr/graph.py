@@ -6,6 +6,7 @@ slimming edits a handful of initializers in place, so a thin index over the prot
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -16,6 +17,8 @@ from onnx import numpy_helper
 from .errors import BadModelError, InternalError
 from .folding import fold
 from .shape_values import resolved_reshapes
+
+log = logging.getLogger(__name__)
 
 
 class Graph:
@@ -61,6 +64,11 @@ class Graph:
         if name in self.initializers:
             return tuple(self.initializers[name].dims)
         return self._symbols.get(name)
+
+    def learn_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        """Record a shape measured at run time where inference could not tell it."""
+        self._shapes[name] = tuple(int(d) for d in shape)
+        self._symbols[name] = self._shapes[name]
 
     def elem_type(self, name: str) -> int:
         """ONNX element type of a tensor, 0 when unknown."""
@@ -112,7 +120,13 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     Constant nodes or behind Transpose / Cast / Reshape become initializers), every node
     gets a unique name, shapes are inferred with data propagation (computed Reshape targets
     get symbolic output shapes). Returns the normalized model (`model` may be edited)."""
-    model = fold(model)
+    folded = fold(model)
+    if folded is not model:
+        try:
+            _infer_into(name_nodes(folded))
+            model = folded
+        except BadModelError as exc:  # the folder's output is not one we can read: skip it
+            log.warning("constant folding skipped: %s", exc)
     g = model.graph
     outputs = {o.name for o in g.output}
     inits = {t.name: t for t in g.initializer}

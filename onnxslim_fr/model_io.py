@@ -143,7 +143,17 @@ def _checked(proto: onnx.ModelProto) -> onnx.ModelProto:
     except (onnx.checker.ValidationError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadModelError(f"invalid ONNX model: {first}") from None
+    _name_negative_dims(proto.graph)
     return proto
+
+
+def _name_negative_dims(g: onnx.GraphProto) -> None:
+    """Old exporters write a dynamic dimension as -1 (paddle's classifiers do); ONNX spells
+    it as a symbol. Renamed once here, every later reader sees an ordinary dynamic dim."""
+    for vi in [*g.input, *g.output, *g.value_info]:
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value < 0:
+                d.dim_param = f"{vi.name}_dim{axis}"
 
 
 def check_runnable(model: onnx.ModelProto) -> None:

@@ -13,10 +13,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 
 from .errors import BadDataError, UsageError
 from .lumping.redundancy import METHODS
 from .model_io import Source, check_runnable, data_path
+from .runtime import provider_name
 
 TARGETS = ("flops", "params")
 BUDGET_FLAGS = ("--ratio", "--max-error", "--max-accuracy-drop", "--min-agreement")
@@ -28,7 +30,9 @@ def check_arguments(*, model: object, output: str | os.PathLike[str] | None,
                     min_agreement: float | None, target: str,
                     method: str, threshold: float, batch_size: int, max_samples: int | None,
                     input_shapes: Mapping[str, Sequence[int]] | None,
-                    tolerance: float | None) -> None:
+                    tolerance: float | None, round_to: int = 1, provider: str | None = None,
+                    latency_runs: int = 0, latency_batch: int = 1,
+                    threads: int | None = None) -> None:
     """Every check that needs no model: values, combinations, paths."""
     check_budget(data, holdout, ratio, max_error, max_accuracy_drop, min_agreement)
     if tolerance is not None:  # None: chosen by the model's float type
@@ -37,6 +41,13 @@ def check_arguments(*, model: object, output: str | os.PathLike[str] | None,
     _require_int("--batch-size", batch_size)
     if max_samples is not None:
         _require_int("--max-samples", max_samples)
+    _require_int("--round-to", round_to)
+    _require_int("--latency-batch", latency_batch)
+    _require_int("latency_runs", latency_runs, least=0)
+    if threads is not None:
+        _require_int("--threads", threads)
+    if provider is not None:
+        check_provider(provider)
     for flag, value, choices in (("--target", target, TARGETS), ("--method", method, METHODS)):
         if value not in choices:
             raise UsageError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
@@ -69,6 +80,16 @@ def check_budget(data: object, holdout: object, ratio: float | None, max_error: 
         _require("--max-accuracy-drop", max_accuracy_drop, lambda v: 0 <= v <= 1, "in [0, 1]")
     if min_agreement is not None:
         _require("--min-agreement", min_agreement, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def check_provider(provider: object) -> str:
+    """The installed execution provider `provider` names (full or short, any case)."""
+    name = provider_name(provider) if isinstance(provider, str) else None
+    if name is None:
+        available = ", ".join(ort.get_available_providers())
+        raise UsageError(f"--provider {provider!r} is not available in this onnxruntime "
+                         f"{ort.__version__}; available: {available}")
+    return name
 
 
 def check_labels(max_accuracy_drop: float | None, labels: object) -> None:
@@ -129,7 +150,8 @@ def check_input_shapes(shapes: Mapping[str, Sequence[int]] | None,
         tensor = inputs[name].type.tensor_type
         if not tensor.HasField("shape"):
             continue
-        want = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        want = [d.dim_value if d.HasField("dim_value") else None
+                for d in tensor.shape.dim]
         if len(want) != len(dims) or any(w not in (None, d)
                                          for w, d in zip(want, dims, strict=False)):
             raise UsageError(f"--input-shape {name}:{_dims(dims)} does not fit input {name} "
@@ -166,13 +188,13 @@ def _require(flag: str, value: object, ok, wanted: str) -> None:
         raise UsageError(f"{flag} must be {wanted}, got {value!r}")
 
 
-def _require_int(flag: str, value: object) -> None:
+def _require_int(flag: str, value: object, least: int = 1) -> None:
     try:
         number = operator.index(value)
     except TypeError:
         number = None
-    if number is None or isinstance(value, bool) or number < 1:
-        raise UsageError(f"{flag} must be a whole number >= 1, got {value!r}")
+    if number is None or isinstance(value, bool) or number < least:
+        raise UsageError(f"{flag} must be a whole number >= {least}, got {value!r}")
 
 
 def _dims(dims: Sequence[int | None]) -> str:

@@ -30,7 +30,7 @@ from . import rewrite
 from .calibrate import Dataset, channel_rows, cut, slice_of
 from .channels.structures import GroupSet
 from .graph import Graph
-from .lumping.consumers import segment_of
+from .lumping.consumers import occurrences
 from .lumping.plan import GroupPlan, Plan
 from .runtime import session
 
@@ -54,12 +54,21 @@ class PairedStats:
         return cls(0, np.zeros(c), np.zeros(k), np.zeros((k, k)), np.zeros((c, k)))
 
     def add(self, o: np.ndarray, s: np.ndarray) -> None:
+        """Products in float64: the solve compares `o.T @ s` with `s.T @ s`, and float32
+        rounding (different for the two; BLAS computes the second as a symmetric product)
+        on a near-singular covariance outweighs the ridge and bends an identity fit."""
+        o, s = o.astype(np.float64, copy=False), s.astype(np.float64, copy=False)
         self.count += len(o)
-        ones = np.ones(len(o), o.dtype)
+        ones = np.ones(len(o))
         self.sum_o += ones @ o
         self.sum_s += ones @ s
         self.gram_ss += s.T @ s
         self.cross_os += o.T @ s
+
+    def merged(self, other: PairedStats) -> PairedStats:
+        return PairedStats(self.count + other.count, self.sum_o + other.sum_o,
+                           self.sum_s + other.sum_s, self.gram_ss + other.gram_ss,
+                           self.cross_os + other.cross_os)
 
     def solve(self, prior: np.ndarray, ridge: float = RIDGE) -> tuple[np.ndarray, np.ndarray]:
         """Least-squares (mix, offset) with ``o ≈ mix @ s + offset``, ridge-regularized toward
@@ -97,8 +106,9 @@ def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
 
     def slimmed(sub: onnx.ModelProto) -> onnx.ModelProto:
         """The same slice with the plans as they are now."""
-        return rewrite.apply(sub, Graph(sub), groups, plans, finalize=False)
+        return rewrite.apply(sub, Graph(sub), groups, plans, finalize=False, analysis=graph)
 
+    pooled: dict[tuple[int, str], PairedStats] = {}
     bar = tqdm(stages, desc="refitting", unit="layer", disable=not sys.stderr.isatty(),
                leave=False)
     for tensor, stage_gids in bar:
@@ -107,12 +117,15 @@ def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
         paired = {g: PairedStats.empty(plans[g].size, len(plans[g].keep)) for g in stage_gids}
         for ref, now in zip(*values.advance(tensor, slimmed), strict=True):
             for g in stage_gids:
-                k, _ = segment_of(groups, tensor, g)
-                paired[g].add(channel_rows(ref, lay, k), channel_rows(now, shrunk, k))
+                for k, _ in occurrences(groups, tensor, g):  # a repeated group pools them
+                    paired[g].add(channel_rows(ref, lay, k), channel_rows(now, shrunk, k))
         for g in stage_gids:
-            mixes = dict(plans[g].mix)
-            mixes[tensor] = paired[g].solve(plans[g].mix[tensor][0])
-            plans[g] = replace(plans[g], mix=mixes)
+            tied = _tied(groups.groups[g].ties, tensor)
+            if len(tied) > 1:  # one weight reads them all: solve on all their samples so far
+                paired[g] = pooled[(g, tied[0])] = pooled[(g, tied[0])].merged(paired[g]) \
+                    if (g, tied[0]) in pooled else paired[g]
+            mix = paired[g].solve(plans[g].mix[tensor][0])
+            plans[g] = replace(plans[g], mix={**plans[g].mix, **{t: mix for t in tied}})
     return rewrite.apply(work, graph, groups, plans), plans
 
 
@@ -120,13 +133,18 @@ def _stages(graph: Graph, groups: GroupSet, gids: list[int]) -> list[tuple[str, 
     """(read point, group) pairs in graph order of the node writing the read point."""
     position = {id(n): i for i, n in enumerate(graph.nodes)}
     pairs = [(t, g) for g in gids for t in groups.groups[g].read_points
-             if segment_of(groups, t, g) is not None]
+             if occurrences(groups, t, g)]
 
     def where(t: str) -> int:
         node = graph.producer.get(t)
         return -1 if node is None else position[id(node)]
 
     return sorted(pairs, key=lambda p: (where(p[0]), p[0], p[1]))
+
+
+def _tied(ties: list[list[str]], tensor: str) -> list[str]:
+    """The read points that must take the same plan as `tensor` (itself included)."""
+    return next((t for t in ties if tensor in t), [tensor])
 
 
 def _by_tensor(stages: list[tuple[str, int]]) -> list[tuple[str, list[int]]]:

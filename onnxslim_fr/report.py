@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -12,9 +10,11 @@ import numpy as np
 import onnx
 
 from .channels.handlers import handler_for
-from .errors import BadModelError
+from .channels.handlers.base import OpHandler, known
+from .errors import BadModelError, SlimError
 from .graph import Graph, infer_shapes, skeleton
-from .runtime import runner, session
+from .latency import Comparison, is_noise
+from .runtime import run
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,6 @@ class Figures:
     flops: int
     channels: int
     file_bytes: int
-    latency_ms: float | None = None
 
 
 @dataclass
@@ -42,6 +41,8 @@ class Report:
     exact_max_rel_error: float | None = None
     notes: list[str] = field(default_factory=list)
     output_errors: list[dict] = field(default_factory=list)
+    latency: Comparison | None = None
+    provider: str | None = None
 
     def to_json(self) -> dict:
         out = {
@@ -50,8 +51,7 @@ class Report:
             "channels_before": self.before.channels, "channels_after": self.after.channels,
             "file_bytes_before": self.before.file_bytes,
             "file_bytes_after": self.after.file_bytes,
-            "latency_ms_before": self.before.latency_ms,
-            "latency_ms_after": self.after.latency_ms,
+            **self._latency_json(),
             "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
             "top1_agreement": self.top1_agreement,
             "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
@@ -60,16 +60,27 @@ class Report:
         }
         return out
 
+    def _latency_json(self) -> dict:
+        lat = self.latency
+        return {
+            "latency_ms_before": lat.before.median_ms if lat else None,
+            "latency_ms_after": lat.after.median_ms if lat else None,
+            "latency_spread_ms_before": lat.before.spread_ms if lat else None,
+            "latency_spread_ms_after": lat.after.spread_ms if lat else None,
+            "latency_runs": lat.before.runs if lat else None,
+            "latency_batch": lat.batch if lat else None,
+            "latency_threads": lat.threads if lat else None,
+            "provider": self.provider,
+        }
+
     def render(self) -> str:
         b, a = asdict(self.before), asdict(self.after)
         lines = [f"{'':<12}{'before':>14}{'after':>14}{'change':>10}"]
         for key, label in (("params", "params"), ("flops", "MACs"), ("channels", "channels"),
-                           ("file_bytes", "file bytes"), ("latency_ms", "latency ms")):
-            if b[key] is None or a[key] is None:
-                continue
+                           ("file_bytes", "file bytes")):
             change = f"{(a[key] - b[key]) / b[key] * 100:+.1f}%" if b[key] else ""
-            fmt = "{:>14.3f}" if key == "latency_ms" else "{:>14,}"
-            lines.append(f"{label:<12}" + fmt.format(b[key]) + fmt.format(a[key]) + f"{change:>10}")
+            lines.append(f"{label:<12}{b[key]:>14,}{a[key]:>14,}{change:>10}")
+        lines.extend(render_latency(self.latency, self.provider))
         lines.append(f"max abs error {self.max_abs_error:.3g}, max rel error "
                      f"{self.max_rel_error:.3g}")
         if self.accuracy_before is not None:
@@ -82,6 +93,21 @@ class Report:
         return "\n".join(lines)
 
 
+def render_latency(lat: Comparison | None, provider: str | None) -> list[str]:
+    """The latency row (a change within the spread reads `noise`, not a percentage) and
+    how it was measured."""
+    if lat is None:
+        return []
+    before, after = lat.before.median_ms, lat.after.median_ms
+    change = "noise" if is_noise(lat.before, lat.after) else \
+        f"{(after - before) / before * 100:+.1f}%" if before else ""
+    where = f" on {provider.removesuffix('ExecutionProvider')}" if provider else ""
+    return [f"{'latency ms':<12}{before:>14.3f}{after:>14.3f}{change:>10}",
+            f"  median of {lat.before.runs} alternating runs each, batch {lat.batch}, "
+            f"{lat.threads} threads{where}; IQR {lat.before.spread_ms:.3f} / "
+            f"{lat.after.spread_ms:.3f} ms"]
+
+
 def render_groups(groups: list[dict]) -> str:
     lines = [f"{'group':>5} {'size':>6} {'kept':>6}  {'method':<10} producers / frozen reason"]
     for g in groups:
@@ -90,10 +116,13 @@ def render_groups(groups: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def figures(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = None,
-            *, latency_runs: int = 0) -> Figures:
-    return Figures(params(model), flops(model, feeds), channels(model), model.ByteSize(),
-                   latency_ms(model, feeds, latency_runs) if feeds and latency_runs else None)
+def figures(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = None, *,
+            counted: onnx.ModelProto | None = None) -> Figures:
+    """The static figures (latency is measured for a pair: latency.compare). `counted`: the
+    same model normalized, whose weights are all initializers (an exporter's Constant
+    nodes would otherwise be missing from params and channels); the file size is `model`'s."""
+    counted = model if counted is None else counted
+    return Figures(params(counted), flops(counted, feeds), channels(counted), model.ByteSize())
 
 
 def params(model: onnx.ModelProto) -> int:
@@ -129,6 +158,8 @@ def node_costs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = 
     convolution look almost free next to the MatMuls."""
     g = Graph(model)
     shapes = _static_shapes(model, feeds)
+    if feeds:
+        _measure_unknown(model, g, shapes, feeds)
     costs = {}
     for i, node in enumerate(g.nodes):
         handler = handler_for(node)
@@ -136,6 +167,36 @@ def node_costs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = 
         if cost is not None:
             costs[i] = cost
     return costs
+
+
+def _measure_unknown(model: onnx.ModelProto, g: Graph, shapes: Graph,
+                     feeds: Mapping[str, np.ndarray]) -> None:
+    """Shapes inference could not tell (a Slice with computed bounds loses the batch axis,
+    and every MatMul after it would count nothing) are read off one onnxruntime run on
+    `feeds`, with those tensors as extra outputs."""
+    wanted = sorted({t for node in g.nodes if _counts_cost(node)
+                     for t in [*node.input, *node.output]
+                     if t and t not in g.initializers and not known(shapes.shape(t))})
+    if not wanted:
+        return
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, shapes.elem_type(t) or
+                                                                 onnx.TensorProto.FLOAT, None)
+                              for t in wanted if t not in have)
+    try:
+        values = dict(zip([o.name for o in probe.graph.output], run(probe, feeds), strict=True))
+    except SlimError as exc:  # costs then count what inference told; the run is not needed
+        log.warning("costs at unknown shapes skipped: %s", exc)
+        return
+    for t in wanted:
+        shapes.learn_shape(t, tuple(np.shape(values[t])))
+
+
+def _counts_cost(node: onnx.NodeProto) -> bool:
+    handler = handler_for(node)
+    return handler is not None and type(handler).cost is not OpHandler.cost
 
 
 def _static_shapes(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None) -> Graph:
@@ -163,15 +224,3 @@ def _fix_input_dims(g: onnx.GraphProto, feeds: Mapping[str, np.ndarray] | None) 
         for i, d in enumerate(dims):
             if not d.HasField("dim_value"):
                 d.dim_value = int(shape[i]) if shape is not None else 1
-
-
-def latency_ms(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], runs: int) -> float:
-    """Median wall time of `runs` onnxruntime runs after one warm-up."""
-    go = runner(session(model), feeds)  # bfloat16 inputs need OrtValues
-    go()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        go()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)

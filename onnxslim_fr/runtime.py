@@ -1,9 +1,18 @@
-"""onnxruntime for the library: sessions, runs, and the inputs a model declares."""
+"""onnxruntime for the library: sessions, runs, and the inputs a model declares.
+
+Every session the library builds comes from `session`, which takes the execution provider
+from one place: a context variable that `slim` sets for the duration of a call
+(`use_provider`), so calibration, refit, probes, validation and latency all run where the
+user asked without passing the name through every call.
+"""
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 import onnx
@@ -37,18 +46,61 @@ def input_specs(model: onnx.ModelProto) -> dict[str, tuple[tuple[int | None, ...
         if vi.name in inits:
             continue
         t = vi.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None
+                     for d in t.shape.dim)
         specs[vi.name] = (dims, np_dtype(t.elem_type))
     return specs
 
 
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
+CPU = "CPUExecutionProvider"
+_PROVIDER: ContextVar[str] = ContextVar("onnxslim_fr_provider", default=CPU)
+
+
+def provider_name(text: str) -> str | None:
+    """The installed execution provider `text` names, case-insensitively, in full
+    ("CUDAExecutionProvider") or short ("cuda"); None when onnxruntime lists none."""
+    for name in ort.get_available_providers():
+        if text.lower() in (name.lower(), name.lower().removesuffix("executionprovider")):
+            return name
+    return None
+
+
+def current_provider() -> str:
+    return _PROVIDER.get()
+
+
+@contextmanager
+def use_provider(name: str | None) -> Iterator[None]:
+    """Sessions built inside run on `name` (None: CPU); the previous one is restored after,
+    on errors too. Nested and concurrent calls (threads, asyncio) each see their own."""
+    token = _PROVIDER.set((provider_name(name) or name) if name else CPU)
+    try:
+        yield
+    finally:
+        _PROVIDER.reset(token)
+
+
+def on_provider(fn: Callable) -> Callable:
+    """Decorator: `fn` runs inside use_provider(its `provider=` keyword)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with use_provider(kwargs.get("provider")):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
+    """A session on the current provider (CPU takes the nodes it cannot run); `threads`
+    fixes the intra-op thread count (None: onnxruntime's choice)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     # idle onnxruntime threads would otherwise spin and starve numpy's BLAS between runs
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    name = _PROVIDER.get()
     return ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+                                providers=[name] if name == CPU else [name, CPU])
 
 
 def run(model: onnx.ModelProto | ort.InferenceSession,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import onnx
+import onnx.numpy_helper
 
 Dim = int | str  # a dimension: its size, or the symbol of a dynamic one
 
@@ -46,6 +47,16 @@ def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
 
 def _evaluate(node: onnx.NodeProto, graph: Graph, inputs: list[Value | None]) -> Value | None:
     op = node.op_type
+    if op == "Constant":  # an unfolded model (the report costs the original as it came)
+        value = attr(node, "value", None)
+        if value is None:
+            ints = attr(node, "value_ints", None)
+            one = attr(node, "value_int", None)
+            return list(ints) if ints is not None else None if one is None else [int(one)]
+        array = onnx.numpy_helper.to_array(value)
+        if array.dtype.kind not in "iu" or array.size > _MAX_LENGTH:
+            return None
+        return [int(v) for v in array.reshape(-1)]
     if op == "Shape":
         dims = graph.symbolic_shape(node.input[0])
         if dims is None:
@@ -73,7 +84,23 @@ def _evaluate(node: onnx.NodeProto, graph: Graph, inputs: list[Value | None]) ->
         return inputs[0][slice(inputs[1][0], inputs[2][0], steps)]
     if op == "Mul" and len(inputs) == 2 and inputs[1] is not None:
         return _multiply(inputs[0], inputs[1])
+    if op in ("Add", "Sub", "Div") and len(inputs) == 2 and inputs[1] is not None:
+        return _integer(op, inputs[0], inputs[1])  # torch's chunk: (C + 1) / 2 * k
     return None
+
+
+def _integer(op: str, a: Value, b: Value) -> Value | None:
+    """Add / Sub / Div (truncating, as ONNX's integer Div) of known numbers only."""
+    if not all(isinstance(v, int) for v in [*a, *b]) or (len(a) != len(b) and
+                                                         1 not in (len(a), len(b))):
+        return None
+    n = max(len(a), len(b))
+    a, b = a * n if len(a) == 1 else a, b * n if len(b) == 1 else b
+    if op == "Div" and 0 in b:
+        return None
+    ops = {"Add": lambda x, y: x + y, "Sub": lambda x, y: x - y,
+           "Div": lambda x, y: abs(x) // abs(y) * (1 if (x < 0) == (y < 0) else -1)}
+    return [ops[op](x, y) for x, y in zip(a, b, strict=True)]
 
 
 def _multiply(a: Value, b: Value) -> Value | None:

@@ -477,3 +477,13 @@ def test_empty_npz_and_holdout_without_labels_are_refused_by_the_cli(tmp_path, c
     refused(capsys, [model_path, tmp_path / "o.onnx", "--data", good,
                      "--max-accuracy-drop", "0.01"], "--max-accuracy-drop needs labels")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_dynamic_dimension_written_as_minus_one_is_an_ordinary_dynamic_dim(tmp_path):
+    """Old exporters (paddle's classifiers) declare inputs like [-1, 3, ?, ?]."""
+    b = Net((None, 3, 8, 8))
+    model = b.build(b.conv(b.relu(b.conv(b.x, 4)), 2))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    assert main([str(path), str(tmp_path / "out.onnx")]) == 0

@@ -8,12 +8,16 @@ block of `stride` features; flattening channels-last data repeats the whole chan
 
 Worked example: Concat of a 2-channel and a 3-channel map, then Flatten of 4x4 maps:
 segments ``(A, 2, 16), (B, 3, 16)``; channel 1 of B covers features 48..63.
+
+Split and Slice take element ranges of the axis (`take`); the analysis first refines the
+groups so that every cut falls on a segment boundary (channels/context.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from itertools import pairwise
 
 import numpy as np
 
@@ -64,6 +68,43 @@ class Layout:
         segs = tuple(replace(s, length=lengths.get(s.group, s.length)) if s.group is not None
                      else s for s in self.segments)
         return replace(self, segments=segs)
+
+    def boundaries(self) -> list[int]:
+        """Element offsets (within one repeat) where segments start, and the unit's end."""
+        return [int(x) for x in np.cumsum([0] + [s.length * s.stride for s in self.segments])]
+
+    def take(self, start: int, stop: int) -> Layout:
+        """The element range [start, stop) of the axis as a layout of its own. Tracked
+        segments must not be cut (refine their groups first); untracked ones are cut at
+        whole channels. ValueError otherwise."""
+        if self.outer != 1 and (start, stop) != (0, self.size):
+            raise ValueError("range of channels-last flattened features")
+        segs: list[Segment] = []
+        for seg, (lo, hi) in zip(self.segments, pairwise(self.boundaries()), strict=True):
+            a, b = max(lo, start), min(hi, stop)
+            if a >= b:
+                continue
+            if (a, b) != (lo, hi) and (seg.group is not None or (a - lo) % seg.stride
+                                       or (b - lo) % seg.stride):
+                raise ValueError(f"range [{start}, {stop}) cuts a segment")
+            segs.append(replace(seg, length=(b - a) // seg.stride))
+        return Layout(self.axis, tuple(segs), self.outer if segs else 1)
+
+    def channel_span(self, start: int, stop: int) -> tuple[int, int]:
+        """Channel indices (per-channel view) of the element range [start, stop), which
+        must fall on whole channels of an axis with no repeats."""
+        if self.outer != 1 and (start, stop) != (0, self.size):
+            raise ValueError("range of channels-last flattened features")
+
+        def channel(pos: int) -> int:
+            first = 0
+            for seg, (lo, hi) in zip(self.segments, pairwise(self.boundaries()), strict=True):
+                if lo <= pos < hi:
+                    return first + (pos - lo) // seg.stride
+                first += seg.length
+            return first
+
+        return channel(start), channel(stop)
 
     def feature_index(self, k: int) -> np.ndarray:
         """Element indices along the axis covered by segment k: shape (length, outer*stride)."""

@@ -90,6 +90,8 @@ def move_axis(src: list[Dim], dst: list[Dim], axis: int) -> AxisMove | None:
             continue
         real_in = [a for a in ins if src[a] != 1 or a == axis]
         real_out = [b for b in outs if dst[b] != 1]
+        if not real_out:  # a single channel: nothing tells which size-1 axis holds it
+            return None
         if len(real_in) == 1 and len(real_out) == 1:
             return AxisMove((real_out[0],), 1, 1)
         if len(real_in) == 1:  # one axis split into several

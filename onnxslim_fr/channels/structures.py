@@ -36,6 +36,8 @@ class ChannelGroup:
     members: list[Member] = field(default_factory=list)
     read_points: list[str] = field(default_factory=list)
     frozen: str | None = None
+    #: read points whose consumers share one weight: a plan must be the same at each
+    ties: list[list[str]] = field(default_factory=list)
 
 
 @dataclass

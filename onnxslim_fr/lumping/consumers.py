@@ -29,25 +29,24 @@ class ConsumerView:
         return b.reshape(b.shape[0], -1)
 
 
-def segment_of(groups: GroupSet, tensor: str, group: int) -> tuple[int, int] | None:
-    """(segment index, first channel) of `group` in `tensor`, None if absent or repeated."""
+def occurrences(groups: GroupSet, tensor: str, group: int) -> list[tuple[int, int]]:
+    """(segment index, first channel) of every place `group` holds in `tensor`. A group can
+    repeat in one tensor (a Concat of time steps that share a weight): one plan then holds
+    at every occurrence, and statistics pool over them."""
     lay = groups.layouts[tensor]
-    hits = [k for k, s in enumerate(lay.segments) if s.group == group]
-    if len(hits) != 1:
-        return None
-    return hits[0], int(lay.channel_offsets()[hits[0]])
+    offsets = lay.channel_offsets()
+    return [(k, int(offsets[k])) for k, s in enumerate(lay.segments) if s.group == group]
 
 
 def consumers(graph: Graph, groups: GroupSet, tensor: str, group: int) -> list[ConsumerView]:
-    where = segment_of(groups, tensor, group)
-    if where is None:
-        return []
-    idx = groups.layouts[tensor].feature_index(where[0])
+    """The weight blocks reading `group` in `tensor`: one view per consumer and occurrence."""
+    lay = groups.layouts[tensor]
     views = []
     for node in graph.consumers.get(tensor, []):
         members = groups.roles.get(node.name, [])
         if any(m.role is Role.CONSUMER and m.tensor == tensor for m in members):
             handler = handler_for(node)
             w = handler.weight(node, graph).astype(np.float64)
-            views.append(ConsumerView(node, handler, w[:, idx]))
+            for k, _ in occurrences(groups, tensor, group):
+                views.append(ConsumerView(node, handler, w[:, lay.feature_index(k)]))
     return views

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.cluster import AgglomerativeClustering
 
-from ..calibrate import ChannelStats
+from ..calibrate import ChannelStats, PointStats
 from ..channels.handlers import handler_for
 from ..channels.structures import ChannelGroup, GroupSet, Role
 from ..graph import Graph
 from .budget import CostModel, allocate, uniform
-from .consumers import consumers
+from .consumers import consumers, occurrences
 from .plan import GroupPlan, Plan, removal_plan
 
 METHODS = ("lfrns", "greedy", "magnitude")
@@ -60,8 +60,22 @@ def group_models(graph: Graph, groups: GroupSet, stats: ChannelStats) -> list[Gr
             points[name] = (q, st.cov, st.mean)
         else:
             if points and g.size > 1:
-                models.append(GroupModel(g, points))
+                models.append(GroupModel(g, _pool_ties(points, g, stats)))
     return models
+
+
+def _pool_ties(points: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], g: ChannelGroup,
+               stats: ChannelStats) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Tied read points (one shared weight folds the plan of each) get the statistics of
+    all their samples together, so the least-squares merge is one and the same there."""
+    for tied in g.ties:
+        parts = [stats.points[(t, g.id)] for t in tied]
+        pooled = PointStats(sum(p.count for p in parts), sum(p.total for p in parts),
+                            sum(p.gram for p in parts))
+        cov, mean = pooled.cov, pooled.mean
+        for t in tied:
+            points[t] = (points[t][0], cov, mean)
+    return points
 
 
 def forward_order(gm: GroupModel, candidates: list[np.ndarray]) -> tuple[list[int], np.ndarray]:
@@ -149,15 +163,19 @@ def merge_rows(gm: GroupModel, keep: np.ndarray, compensate: bool
                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Least-squares reconstruction of removed channels from kept ones, per read point."""
     removed = np.setdiff1d(np.arange(gm.group.size), keep)
-    rows = {}
+    rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    solved: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # pooled (tied) statistics: once
     for p, (_, s, m) in gm.points.items():
         if not compensate:
             rows[p] = (np.zeros((len(removed), len(keep))), np.zeros(len(removed)))
             continue
+        if id(s) in solved:
+            rows[p] = solved[id(s)]
+            continue
         sss = s[np.ix_(keep, keep)]
         ridge = 1e-6 * max(float(np.trace(sss)) / max(len(keep), 1), 1e-12)
         mix = np.linalg.solve(sss + ridge * np.eye(len(keep)), s[np.ix_(keep, removed)]).T
-        rows[p] = (mix, m[removed] - mix @ m[keep])
+        rows[p] = solved[id(s)] = (mix, m[removed] - mix @ m[keep])
     return rows
 
 
@@ -167,7 +185,9 @@ def l1_order(graph: Graph, groups: GroupSet, g: ChannelGroup) -> list[int]:
         if m.role is Role.PRODUCER:
             node = next(n for n in graph.nodes if n.name == m.node)
             w = handler_for(node).weight(node, graph)
-            norms += np.abs(w.reshape(w.shape[0], -1)).sum(axis=1)
+            rows = np.abs(w.reshape(w.shape[0], -1)).sum(axis=1)
+            for _, start in occurrences(groups, m.tensor, g.id):  # a piece: its rows only
+                norms += rows[start:start + g.size]
     return [int(i) for i in np.argsort(-norms, kind="stable")]
 
 
@@ -187,18 +207,19 @@ def _sensitivity(gm: GroupModel, order: list[int], curve: np.ndarray, probe: Pro
 def plan(graph: Graph, groups: GroupSet, stats: ChannelStats, *, fraction: float,
          method: str = "lfrns", target: str = "flops", threshold: float = 0.05,
          compensate: bool = True, probe: Probe | None = None,
-         feeds: Mapping[str, np.ndarray] | None = None) -> Plan:
+         feeds: Mapping[str, np.ndarray] | None = None, round_to: int = 1) -> Plan:
     """Plans that bring the model's cost to `fraction` of its current cost (0 < f <= 1).
 
     `probe(plans)` measures the real output error of a trial plan; when given, each group's
     predicted error curve is rescaled by one measurement at half its channels, so layers
     whose errors grow on the way to the output are spared (sensitivity calibration).
-    Costs are counted at the input sizes of `feeds` (one sample of the calibration data)."""
+    Costs are counted at the input sizes of `feeds` (one sample of the calibration data).
+    Kept counts are multiples of `round_to` (budget.allowed_counts)."""
     models = {gm.group.id: gm for gm in group_models(graph, groups, stats)}
     cost = CostModel(graph, groups, target, feeds)
     budget = fraction * cost.total()
     if method == "magnitude":
-        kept = uniform(cost, list(models), budget)
+        kept = uniform(cost, list(models), budget, round_to)
         orders = {g: l1_order(graph, groups, models[g].group) for g in models}
         compensate = False
     else:
@@ -209,7 +230,7 @@ def plan(graph: Graph, groups: GroupSet, stats: ChannelStats, *, fraction: float
             curves[g] = curve / gm.error_scale()
             if probe is not None:
                 curves[g] *= _sensitivity(gm, orders[g], curves[g], probe, method)
-        kept = allocate(curves, cost, budget)
+        kept = allocate(curves, cost, budget, round_to)
     plans: Plan = {}
     for g, k in kept.items():
         gm = models[g]

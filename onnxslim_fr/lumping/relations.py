@@ -23,7 +23,9 @@ from ..channels.handlers.base import (
     Join,
     Normalize,
     Spatial,
+    Take,
 )
+from ..channels.layout import Layout
 from ..channels.structures import GroupSet, Role
 from ..graph import Graph
 
@@ -104,20 +106,21 @@ def _normalized(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def compute(graph: Graph, groups: GroupSet) -> dict[str, Relation]:
-    """Relations of every tracked tensor, in one topological sweep."""
+    """Relations of every tracked tensor (every tracked output of a node), in one
+    topological sweep."""
     ids = _Ids()
     rel: dict[str, Relation] = {}
     for node in graph.nodes:
-        out = node.output[0] if node.output else ""
-        if out not in groups.layouts:
-            continue
-        roles = {m.role for m in groups.roles.get(node.name, []) if m.tensor == out}
-        handler = handler_for(node)
-        if Role.PRODUCER in roles:
-            rel[out] = _produce(handler.weight(node, graph), handler.bias(node, graph), ids)
-        else:
-            rel[out] = _through(node, graph, groups, rel, ids)
-        rel[out] = _settled(rel[out], ids)
+        for index, out in enumerate(node.output):
+            if not out or out not in groups.layouts:
+                continue
+            roles = {m.role for m in groups.roles.get(node.name, []) if m.tensor == out}
+            handler = handler_for(node)
+            if Role.PRODUCER in roles:
+                rel[out] = _produce(handler.weight(node, graph), handler.bias(node, graph), ids)
+            else:
+                rel[out] = _through(node, index, graph, groups, rel, ids)
+            rel[out] = _settled(rel[out], ids)
     return rel
 
 
@@ -143,8 +146,9 @@ def _produce(weight: np.ndarray, bias: np.ndarray, ids: _Ids) -> Relation:
     return Relation(cls, lam, bias.astype(np.float64).copy())
 
 
-def _through(node: onnx.NodeProto, graph: Graph, groups: GroupSet,
+def _through(node: onnx.NodeProto, index: int, graph: Graph, groups: GroupSet,
              rel: dict[str, Relation], ids: _Ids) -> Relation:
+    """Relation of output `index` of a node that does not produce channels."""
     inputs = [rel.get(n) if n in groups.layouts else None for n in node.input]
     if node.op_type == "Concat":
         return _concat(node, graph, groups, inputs, ids)
@@ -153,6 +157,8 @@ def _through(node: onnx.NodeProto, graph: Graph, groups: GroupSet,
     if isinstance(t, Join):
         return _join(t.op, tracked[0], tracked[1], ids)
     r = tracked[0]
+    if isinstance(t, Take):
+        return _take(r, t.ranges[index], groups.layouts[node.input[0]])
     if isinstance(t, Affine):
         return _affine(r, np.broadcast_to(t.scale, len(r)), np.broadcast_to(t.shift, len(r)))
     if isinstance(t, Activation):
@@ -164,6 +170,14 @@ def _through(node: onnx.NodeProto, graph: Graph, groups: GroupSet,
     if isinstance(t, Normalize):
         return _normalize(r, t, ids)
     return r
+
+
+def _take(r: Relation, ranges: dict[int, tuple[int, int]], lay: Layout) -> Relation:
+    """A run of channels keeps their relations; positions taken on other axes keep all."""
+    if lay.axis not in ranges:
+        return r
+    sl = slice(*lay.channel_span(*ranges[lay.axis]))
+    return Relation(r.cls[sl], r.lam[sl], r.mu[sl])
 
 
 def _concat(node: onnx.NodeProto, graph: Graph, groups: GroupSet,

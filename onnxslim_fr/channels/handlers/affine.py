@@ -131,16 +131,9 @@ class ArithmeticHandler(OpHandler):
         if node.op_type == "Div":
             raise Unsupported("division of two channel tensors")
         a, b = (ctx.layout(n) for n in node.input[:2])
-        shape = [(s.length, s.stride) for s in a.segments]
-        if a.axis != b.axis or a.outer != b.outer or shape != [(s.length, s.stride)
-                                                              for s in b.segments]:
+        if a.axis != b.axis:
             raise Unsupported(f"{node.op_type} of tensors with different channel layouts")
-        for sa, sb in zip(a.segments, b.segments, strict=True):
-            if (sa.group is None) != (sb.group is None):
-                raise Unsupported(f"{node.op_type} of tracked and untracked channels")
-            if sa.group is not None:
-                ctx.union(sa.group, sb.group)
-        ctx.set_layout(node.output[0], a)
+        ctx.set_layout(node.output[0], ctx.unify(a, b, node.op_type))
 
     def _const_side(self, node: onnx.NodeProto, graph: Graph) -> int | None:
         for i in (0, 1):

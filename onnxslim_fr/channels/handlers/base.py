@@ -27,6 +27,7 @@ class RewriteContext(Protocol):
     Declared here so the handler contract owns its interface (rewrite.py implements it)."""
 
     graph: Graph
+    analysis: Graph  # the graph the groups were built on: shapes, shape arithmetic
     bias_after: dict[str, np.ndarray]
 
     def touched(self, tensor: str) -> bool: ...
@@ -94,11 +95,21 @@ class Join:
     op: Literal["add", "sub", "mul"]
 
 
+@dataclass(frozen=True)
+class Take:
+    """Split / Slice: output k is the element range ``ranges[k][axis]`` of the input along
+    each axis it cuts with step 1. On the channel axis that is a run of channels (a slice
+    of the input's relations); on any other axis it maps each channel over positions alone
+    and keeps every relation, offsets included."""
+
+    ranges: tuple[dict[int, tuple[int, int]], ...]
+
+
 class Passthrough:
     """Channels are moved (Flatten, Transpose, Concat...) but not changed."""
 
 
-Transfer = Affine | Activation | Spatial | Depthwise | Normalize | Join | Passthrough
+Transfer = Affine | Activation | Spatial | Depthwise | Normalize | Join | Take | Passthrough
 
 #: Shape of a tensor at the sizes being costed (None: unknown rank or dimension).
 ShapeOf = Callable[[str], tuple[int | None, ...] | None]
@@ -117,7 +128,8 @@ class OpHandler:
         raise Unsupported(f"no channel rule for {node.op_type}")
 
     def params(self, node: onnx.NodeProto, graph: Graph) -> list[str]:
-        """Initializers a rewrite of this node edits (must not be shared with other nodes)."""
+        """Initializers a rewrite of this node edits; one shared by several nodes makes them
+        take one plan (channels/groups.py)."""
         return []
 
     def transfer(self, node: onnx.NodeProto, graph: Graph) -> Transfer:
@@ -136,6 +148,11 @@ class OpHandler:
     def out_channels(self, node: onnx.NodeProto, graph: Graph) -> int | None:
         """Channels this node writes when it is a producer with constant weights, else None."""
         return None
+
+    def input_share(self, node: onnx.NodeProto, graph: Graph) -> float:
+        """Share of `cost`'s MACs that shrink with the input channels (LSTM: not the
+        recurrent projection); the budget scales only that share."""
+        return 1.0
 
 
 def known(shape: tuple[int | None, ...] | None) -> bool:

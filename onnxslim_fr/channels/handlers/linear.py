@@ -1,8 +1,10 @@
-"""Conv, Gemm and MatMul with constant weights: they produce and consume channels.
+"""Conv, ConvTranspose, Gemm and MatMul with constant weights: they produce and consume channels.
 
 A consumer reads its input channels through its weight's input axis, so a plan folds as
 ``W' = W @ mix`` on that axis; the offsets become ``bias += W @ offset``. A producer writes
-one channel per output row, sliced by the plan's keep set. Depthwise Conv is a carrier.
+one channel per output row, sliced by the plan's keep set. Depthwise Conv and depthwise
+ConvTranspose are carriers. Every handler shows lumping one canonical weight (out, in, ...):
+ConvTranspose's [Cin, Cout, k...] is swapped, MatMul(x, W) is Wᵀ, MatMul(W, x) is W itself.
 """
 
 from __future__ import annotations
@@ -42,11 +44,12 @@ class LinearHandler(OpHandler):
         return True
 
     def _fold_and_slice(self, node: onnx.NodeProto, w: np.ndarray, b: np.ndarray | None,
-                        rw: RewriteContext, bias_scale: float = 1.0
+                        rw: RewriteContext, bias_scale: float = 1.0, data: int = 0
                         ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Fold the input plans into canonical `w` (out, in, ...), then keep output rows."""
-        if rw.touched(node.input[0]):
-            w, delta = rw.fold(w, node.input[0])
+        """Fold the plans of input `data` into canonical `w` (out, in, ...), then keep output
+        rows."""
+        if rw.touched(node.input[data]):
+            w, delta = rw.fold(w, node.input[data])
             b = _add_bias(b, bias_scale * delta, w.dtype)
         if rw.touched(node.output[0]):
             keep = rw.keep_index(node.output[0])
@@ -73,45 +76,61 @@ class LinearHandler(OpHandler):
         ctx.set_layout(node.output[0], Layout(axis, (Segment(ctx.new_group(n), n),)))
         ctx.add_member(node, Role.PRODUCER, node.output[0])
 
-    def _consume(self, node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> None:
-        lay = ctx.layout(node.input[0])
+    def _consume(self, node: onnx.NodeProto, ctx: AnalysisContext, axis: int,
+                 data: int = 0) -> None:
+        lay = ctx.layout(node.input[data])
         if lay is None:
             return
         if lay.axis != axis:
             raise Unsupported(f"{node.op_type} reduces axis {axis}, channels are on {lay.axis}")
-        ctx.add_member(node, Role.CONSUMER, node.input[0])
+        ctx.add_member(node, Role.CONSUMER, node.input[data])
 
 
 class ConvHandler(LinearHandler):
+    """Conv; ConvTranspose subclasses it with its weight layout and coverage rules."""
+
     ops = ("Conv",)
 
     def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         w = self._weight_const(node, ctx.graph)
         if w is None:
-            raise Unsupported("Conv weight is not constant")
+            raise Unsupported(f"{node.op_type} weight is not constant")
         if len(node.input) > 2 and node.input[2] and ctx.graph.const(node.input[2]) is None:
-            raise Unsupported("Conv bias is not constant")
+            raise Unsupported(f"{node.op_type} bias is not constant")
         group = int(attr(node, "group", 1))
         if group == 1:
             self._consume(node, ctx, 1)
-            self._produce(node, ctx, 1, w.shape[0])
+            self._produce(node, ctx, 1, self._outputs(node, w.shape))
         elif self._depthwise(node, w):
             lay = ctx.layout(node.input[0])
             if lay.axis != 1:
-                raise Unsupported(f"depthwise Conv filters axis 1, channels are on axis {lay.axis}")
+                raise Unsupported(f"depthwise {node.op_type} filters axis 1, channels are on "
+                                  f"axis {lay.axis}")
             require_plain(ctx, node.input[0])
             ctx.set_layout(node.output[0], lay)
             ctx.add_member(node, Role.CARRIER, node.output[0])
         else:
-            raise Unsupported(f"grouped Conv (group={group})")
+            raise Unsupported(f"grouped {node.op_type} (group={group}): each group mixes only "
+                              f"its own channels, so a plan would have to remove the same "
+                              f"number from every group")
 
     def starts_group(self, node: onnx.NodeProto, graph: Graph) -> bool:
         return super().starts_group(node, graph) and int(attr(node, "group", 1)) == 1
 
     @staticmethod
     def _depthwise(node: onnx.NodeProto, w: np.ndarray) -> bool:
+        """One filter per channel: [C, 1, k...] for Conv and ConvTranspose alike."""
         group = int(attr(node, "group", 1))
         return group > 1 and w.shape[0] == group and w.shape[1] == 1
+
+    @staticmethod
+    def _canonical(w: np.ndarray) -> np.ndarray:
+        """The stored weight as (out, in, k...); its own inverse."""
+        return w
+
+    def _outputs(self, node: onnx.NodeProto, shape: tuple[int, ...]) -> int:
+        """Output channels from the stored weight's shape."""
+        return int(shape[0])
 
     def params(self, node: onnx.NodeProto, graph: Graph) -> list[str]:
         return [n for n in node.input[1:3] if n]
@@ -127,24 +146,22 @@ class ConvHandler(LinearHandler):
 
     def out_channels(self, node: onnx.NodeProto, graph: Graph) -> int | None:
         w = self._constant_shape(node, graph)
-        return int(w[0]) if w else None
+        return self._outputs(node, w) if w else None
 
     def weight(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray:
-        return graph.const(node.input[1])
+        return self._canonical(graph.const(node.input[1]))
 
     def bias(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray:
         if len(node.input) > 2 and node.input[2]:
             return graph.const(node.input[2]).astype(np.float64)
-        return np.zeros(graph.const(node.input[1]).shape[0])
+        return np.zeros(self._outputs(node, graph.const(node.input[1]).shape))
 
     def can_fold_offset(self, node: onnx.NodeProto) -> bool:
         pads = attr(node, "pads", None) or []
-        auto = attr(node, "auto_pad", b"NOTSET")
-        auto = auto.decode() if isinstance(auto, bytes) else auto
-        return not any(pads) and auto in ("NOTSET", "VALID")
+        return not any(pads) and _auto_pad(node) in ("NOTSET", "VALID")
 
     def transfer(self, node: onnx.NodeProto, graph: Graph) -> Transfer:
-        w = self.weight(node, graph)
+        w = graph.const(node.input[1])  # depthwise: [C, 1, k...] in both layouts
         return Depthwise(w.reshape(w.shape[0], -1).astype(np.float64), self.bias(node, graph),
                          not self.can_fold_offset(node))
 
@@ -158,9 +175,51 @@ class ConvHandler(LinearHandler):
                 rw.stage(node.input[2], b[keep])
             rw.set_attr(node, "group", len(keep))
             return
-        w, b = self._fold_and_slice(node, w, b, rw)
-        rw.stage(node.input[1], w)
+        w, b = self._fold_and_slice(node, self._canonical(w), b, rw)
+        rw.stage(node.input[1], np.ascontiguousarray(self._canonical(w)))
         _write_bias(node, 2, b, rw)
+
+
+class ConvTransposeHandler(ConvHandler):
+    """ConvTranspose: weight [Cin, Cout/group, k...], so the canonical (out, in, k...) weight
+    is its first two axes swapped. Each input position scatters the kernel over the output;
+    an output position near a border (or between strided taps) receives fewer taps, so a
+    constant input channel adds a per-position amount, not a bias, unless coverage is full.
+    """
+
+    ops = ("ConvTranspose",)
+
+    @staticmethod
+    def _canonical(w: np.ndarray) -> np.ndarray:
+        return np.swapaxes(w, 0, 1)
+
+    def _outputs(self, node: onnx.NodeProto, shape: tuple[int, ...]) -> int:
+        return int(shape[1]) * int(attr(node, "group", 1))
+
+    def cost(self, node: onnx.NodeProto, graph: Graph, shape_of: ShapeOf
+             ) -> tuple[int, int] | None:
+        """Each input element is scattered over Cout/group channels and the kernel."""
+        x, w = shape_of(node.input[0]), shape_of(node.input[1])
+        if not known(x) or not known(w):
+            return None
+        return _prod(x) * _prod(w[1:]), self._constant_elements(node.input[1:2], graph)
+
+    def can_fold_offset(self, node: onnx.NodeProto) -> bool:
+        """Every output position receives every kernel tap exactly once only with stride 1
+        and pads that crop the partial borders: pads_begin >= (k-1)*d and
+        pads_end >= (k-1)*d + output_padding. Otherwise the offset is position-dependent."""
+        kernel = attr(node, "kernel_shape", None)
+        if kernel is None or attr(node, "output_shape", None) is not None or \
+                _auto_pad(node) != "NOTSET":
+            return False
+        n = len(kernel)
+        strides = attr(node, "strides", None) or [1] * n
+        dilations = attr(node, "dilations", None) or [1] * n
+        pads = attr(node, "pads", None) or [0] * (2 * n)
+        extra = attr(node, "output_padding", None) or [0] * n
+        return all(s == 1 and pads[i] >= (k - 1) * d and pads[i + n] >= (k - 1) * d + e
+                   for i, (k, s, d, e) in enumerate(zip(kernel, strides, dilations, extra,
+                                                        strict=True)))
 
 
 class GemmHandler(LinearHandler):
@@ -168,6 +227,9 @@ class GemmHandler(LinearHandler):
 
     def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         w = self._weight_const(node, ctx.graph)
+        if w is None and ctx.graph.const(node.input[0]) is not None:
+            raise Unsupported("Gemm with a constant A and a computed B: channels of B on its "
+                              "contraction axis are not followed")
         if w is None or w.ndim != 2:
             raise Unsupported("Gemm weight is not a constant matrix")
         if ctx.layout(node.input[0]) is not None and attr(node, "transA", 0):
@@ -223,20 +285,43 @@ class GemmHandler(LinearHandler):
 
 
 class MatMulHandler(LinearHandler):
+    """MatMul(x, W) with W [K, N]: reads x's last axis, writes N channels on it (canonical
+    weight Wᵀ). MatMul(W, x) with a constant W [M, K] first: reads x's axis -2, writes M
+    channels on the output's axis -2 (canonical weight W, a 1x1 conv over the last axis)."""
+
     ops = ("MatMul",)
+
+    @staticmethod
+    def _first(node: onnx.NodeProto, graph: Graph) -> bool:
+        """The constant is the first operand: MatMul(W, x)."""
+        return graph.const(node.input[1]) is None and graph.const(node.input[0]) is not None
+
+    def _weight_const(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray | None:
+        return graph.const(node.input[0 if self._first(node, graph) else 1])
+
+    def starts_group(self, node: onnx.NodeProto, graph: Graph) -> bool:
+        w = self._weight_const(node, graph)
+        return w is not None and w.ndim == 2
 
     def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         w = self._weight_const(node, ctx.graph)
-        if w is None or w.ndim != 2:
-            raise Unsupported("MatMul weight is not a constant matrix")
-        rank = ctx.rank(node.input[0])
+        if w is None:
+            raise Unsupported("MatMul of two computed tensors (no constant weight)")
+        if w.ndim != 2:
+            raise Unsupported("MatMul weight is not a constant matrix (batched weight)")
+        first = self._first(node, ctx.graph)
+        if first and ctx.graph.users(node.input[0]) > 1:  # sharing assumes the weight is input 1
+            raise Unsupported(f"MatMul(W, x) with a weight {node.input[0]} shared with another "
+                              f"node")
+        rank = ctx.rank(node.input[int(first)])
         if rank < 2:
             raise Unsupported("MatMul on a vector")
-        self._consume(node, ctx, rank - 1)
-        self._produce(node, ctx, rank - 1, w.shape[1])
+        axis = rank - 2 if first else rank - 1
+        self._consume(node, ctx, axis, int(first))
+        self._produce(node, ctx, axis, w.shape[0] if first else w.shape[1])
 
     def params(self, node: onnx.NodeProto, graph: Graph) -> list[str]:
-        return [node.input[1]]
+        return [node.input[0 if self._first(node, graph) else 1]]
 
     def cost(self, node: onnx.NodeProto, graph: Graph, shape_of: ShapeOf
              ) -> tuple[int, int] | None:
@@ -248,20 +333,32 @@ class MatMulHandler(LinearHandler):
         return _prod(out) * int(a[-1]), self._constant_elements(list(node.input[:2]), graph)
 
     def out_channels(self, node: onnx.NodeProto, graph: Graph) -> int | None:
+        if self._first(node, graph):
+            w = graph.shape(node.input[0])
+            return int(w[0]) if len(w) == 2 else None
         w = self._constant_shape(node, graph)
         return int(w[-1]) if w is not None and len(w) >= 2 else None
 
     def weight(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray:
-        return graph.const(node.input[1]).T
+        w = self._weight_const(node, graph)
+        return w if self._first(node, graph) else w.T
 
     def bias(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray:
-        return np.zeros(graph.const(node.input[1]).shape[1])
+        return np.zeros(self.weight(node, graph).shape[0])
 
     def rewrite(self, node: onnx.NodeProto, rw: RewriteContext) -> None:
-        w, b = self._fold_and_slice(node, rw.array(node.input[1]).T, None, rw)
-        rw.stage(node.input[1], np.ascontiguousarray(w.T))
-        if b is not None:
-            rw.bias_after[node.name] = b
+        first = self._first(node, rw.graph)
+        name = node.input[0 if first else 1]
+        w = rw.array(name)
+        w, b = self._fold_and_slice(node, w if first else w.T, None, rw, data=int(first))
+        rw.stage(name, np.ascontiguousarray(w if first else w.T))
+        if b is not None:  # a bias on the output's channel axis: the last, or -2 for MatMul(W, x)
+            rw.bias_after[node.name] = b.reshape(-1, 1) if first else b
+
+
+def _auto_pad(node: onnx.NodeProto) -> str:
+    value = attr(node, "auto_pad", b"NOTSET")
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _prod(shape: tuple[int | None, ...] | None) -> int:
@@ -284,4 +381,4 @@ def _write_bias(node: onnx.NodeProto, index: int, b: np.ndarray | None,
         rw.add_input(node, index, b.reshape(-1))
 
 
-HANDLERS = (ConvHandler(), GemmHandler(), MatMulHandler())
+HANDLERS = (ConvHandler(), ConvTransposeHandler(), GemmHandler(), MatMulHandler())

@@ -16,6 +16,7 @@ from ..layout import Layout, concat, opaque
 from ..reshape_map import move_axis
 from ..structures import Unsupported
 from .base import OpHandler, RewriteContext, attr
+from .split import rewrites_bounds
 
 
 def _merge(ctx: AnalysisContext, node: onnx.NodeProto, start: int) -> Layout:
@@ -131,15 +132,45 @@ def _follows_shapes(name: str, graph: Graph) -> None:
     return None
 
 
+#: Ops whose shape-like parameter inputs (index >= 1) their own handlers check.
+_CHECKS_ITS_PARAMETERS = ("Reshape", "Slice", "Split")
+#: Integer arithmetic a shape value may pass through on its way to such a parameter.
+_SHAPE_VALUE_OPS = (*_SHAPE_ARITHMETIC, "Add", "Sub", "Div")
+
+
 class ShapeHandler(OpHandler):
-    """Shape and Size read only the dimensions: nothing to follow, nothing to freeze. A
-    computed value built from them follows the new channel count by itself, and whatever
-    consumes it (a Reshape target, a Slice bound) is checked by its own handler."""
+    """Shape and Size read only the dimensions. When their value only builds Reshape
+    targets (through shape arithmetic), it follows the new channel count by itself and
+    the Reshape handler checks the target; used as data anywhere else (a Size cast to
+    float and multiplied in, a dimension compared), slicing would change that value, so
+    the channels stay."""
 
     ops = ("Shape", "Size")
 
     def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
-        return None
+        todo, seen = [node.output[0]], set()
+        while todo:
+            tensor = todo.pop()
+            if tensor in seen:
+                continue
+            seen.add(tensor)
+            if tensor in ctx.graph.graph_outputs:
+                raise Unsupported(f"{node.op_type} of the channels is a graph output")
+            for user in ctx.graph.consumers.get(tensor, []):
+                if user.op_type in _CHECKS_ITS_PARAMETERS and \
+                        list(user.input).index(tensor) >= 1:
+                    if user.op_type != "Reshape" and not rewrites_bounds(user, node.input[0],
+                                                                         ctx):
+                        raise Unsupported(f"{node.op_type} of the channels sets the bounds of "
+                                          f"{user.op_type} node {user.name}")
+                    continue  # a Reshape target or Slice / Split bound: its handler checks it
+                # Add/Sub/Div (torch's chunk) pass: only a Slice / Split bound, written as a
+                # constant, may take them; the Reshape handler refuses them in a target
+                if user.op_type not in (*_SHAPE_ARITHMETIC, "Add", "Sub", "Div") or \
+                        user.op_type in ("Shape", "Size"):
+                    raise Unsupported(f"{node.op_type} of the channels is used as a value by "
+                                      f"{user.op_type} node {user.name}")
+                todo.extend(o for o in user.output if o)
 
 
 class SqueezeHandler(OpHandler):
