@@ -25,7 +25,17 @@ _MAX_LENGTH = 16  # shape vectors are short; anything longer is not a shape
 
 
 def value_of(name: str, graph: Graph, depth: int = 0) -> Value | None:
-    """The 1-D (or scalar, as one entry) integer value of `name`, or None if unknown."""
+    """The 1-D (or scalar, as one entry) integer value of `name`, or None if unknown.
+    Memoised per graph: shape subgraphs share their Shape / Gather nodes, and walking them
+    again for every reader is exponential in the number of layers."""
+    memo = graph.__dict__.setdefault("_shape_values", {})
+    if name not in memo:
+        value = _value_of(name, graph, depth)
+        memo[name] = None if value is None else list(value)
+    return None if memo[name] is None else list(memo[name])
+
+
+def _value_of(name: str, graph: Graph, depth: int) -> Value | None:
     const = graph.const(name)
     if const is not None:
         if const.dtype.kind not in "iu" or const.size > _MAX_LENGTH:
