@@ -10,18 +10,18 @@ from dataclasses import dataclass
 
 import onnx
 
-from . import calibrate, calibrated, latency, model_io, report, rewrite, validate
+from . import calibrate, calibrated, latency, model_io, progress, report, rewrite, validate, weights
 from .channels import GroupSet, Role, build_groups
 from .channels.groups import kept_channels
 from .channels.handlers import handler_for
-from .errors import ValidationError
+from .errors import InternalError, SlimError, ValidationError
 from .feeds import validation_feeds
 from .graph import Graph, name_nodes, normalize
 from .lumping import exact
 from .lumping.budget import DEFAULT_ROUND_TO
 from .lumping.plan import methods_by_producer
 from .options import check_arguments, check_labels, check_source
-from .runtime import current_provider, on_provider
+from .runtime import current_provider, first_line, on_provider
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ class SlimResult:
     groups: GroupSet
 
 
+@weights.scoped
 def analyze(model: ModelSource) -> tuple[GroupSet, list[dict]]:
     """Channel groups of `model` and a row per group (size, producers, freeze reason)."""
     work = normalize(model_io.load(model))
@@ -43,6 +44,7 @@ def analyze(model: ModelSource) -> tuple[GroupSet, list[dict]]:
 
 
 @on_provider  # every onnxruntime session of the call runs on `provider`
+@weights.scoped  # large weights are kept once, on disk, for the call (weights.py)
 def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
          data: calibrate.DataSource | None = None,
          holdout: calibrate.DataSource | None = None,
@@ -89,6 +91,7 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
     if not exact_cmp.within(tolerance):
         raise ValidationError(exact_cmp.failure(tolerance))
     notes: list[str] = []
+    search: list[dict] = []  # a bound's bisection: every candidate tried (report, plot)
     check_set, labels, cost_feeds = randoms, None, randoms[0]
     if data is not None:
         cost_feeds = calib.head(1)[0]  # costs at the sizes the data has, batch 1
@@ -98,9 +101,14 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
         check_set, labels = held.batches, held.labels
         budget = calibrated.Budget(ratio, max_error, max_accuracy_drop, min_agreement)
         options = calibrated.Options(method, target, threshold, compensate, sequential_refit,
-                                     round_to)
-        work = calibrated.run(original, work, calib, held, budget, options, cost_feeds,
-                              notes, methods)
+                                     round_to, latency_batch, threads)
+        try:
+            work = calibrated.run(original, work, calib, held, budget, options, cost_feeds,
+                                  notes, methods, search)
+        except (SlimError, MemoryError):
+            raise
+        except Exception as exc:  # onnxruntime failing on a model we slimmed: our bug
+            raise InternalError(f"calibrated pass failed: {first_line(exc)}") from exc
     elif not any(m == "exact" for m in methods.values()):
         work = original  # nothing to gain: hand back the model exactly as it came
     cmp = exact_cmp if data is None else validate.compare(original, work, check_set, labels)
@@ -114,7 +122,7 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
         top1_agreement=cmp.top1_agreement, accuracy_before=cmp.accuracy_before,
         accuracy_after=cmp.accuracy_after, exact_max_rel_error=exact_cmp.max_rel_error,
         notes=notes, output_errors=cmp.output_rows(), provider=current_provider(),
-        latency=latency.measure(original, work, cost_feeds, latency.Timing(
+        search=search, latency=latency.measure(original, work, cost_feeds, latency.Timing(
             latency_runs, latency_batch, threads), notes))
     if output is not None:
         model_io.save_atomic(work, output, ir_version=source.ir_version,
@@ -122,6 +130,7 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
     return SlimResult(work, rep, first)
 
 
+@progress.phase("exact lumping")
 def _exact(work: onnx.ModelProto, max_rounds: int = 6
            ) -> tuple[onnx.ModelProto, GroupSet, int, dict[str, str]]:
     """Exact lumping rounds until nothing more goes (one removal can expose the next)."""
@@ -138,7 +147,7 @@ def _exact(work: onnx.ModelProto, max_rounds: int = 6
         if not plans:
             break
         methods.update(methods_by_producer(groups, plans))
-        work = rewrite.apply(work, graph, groups, plans)
+        work = weights.intern(rewrite.apply(work, graph, groups, plans))
     return work, first, rounds, methods
 
 
@@ -147,8 +156,8 @@ def _group_rows(groups: GroupSet, final: Graph | None, methods: dict[str, str]) 
     pieces = kept_channels(groups, final) if final else {}  # a Split's pieces of an output
     for g in groups.groups.values():
         producers = [m.node for m in g.members if m.role is Role.PRODUCER]
-        kept = pieces.get(g.id) or (_out_channels(final, producers[0], g.size)
-                                    if final and producers else g.size)
+        kept = pieces.get(g.id) or (_out_channels(final, producers[0], g.size * g.unit)
+                                    // g.unit if final and producers else g.size)
         method = "frozen" if g.frozen else next((methods[p] for p in producers
                                                  if p in methods), "-")
         rows.append({"id": g.id, "size": g.size, "kept": kept, "producers": producers,

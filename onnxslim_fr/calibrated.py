@@ -15,13 +15,14 @@ from dataclasses import dataclass
 
 import onnx
 
-from . import calibrate, refit, report, rewrite, validate
+from . import calibrate, latency_table, progress, refit, report, rewrite, validate
 from .channels import GroupSet, build_groups
 from .channels.handlers import QUANTIZED_OPS
 from .errors import BadDataError
 from .graph import Graph
 from .lumping import redundancy
 from .lumping.plan import Plan, methods_by_producer
+from .probe import OutputErrorProbe
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,14 @@ class Options:
     compensate: bool = True
     refit: bool = True
     round_to: int = 1
+    latency_batch: int = 1  # target "latency": layers are timed at this batch and threads
+    threads: int | None = None
 
 
 def run(original: onnx.ModelProto, work: onnx.ModelProto, calib: calibrate.Dataset,
         held: calibrate.Dataset, budget: Budget, options: Options, cost_feeds: dict,
-        notes: list[str], methods: dict[str, str]) -> onnx.ModelProto:
+        notes: list[str], methods: dict[str, str], trace: list[dict] | None = None
+        ) -> onnx.ModelProto:
     """`work` slimmed further within `budget`; notes say what limited it."""
     graph = Graph(work)
     groups = build_groups(graph)
@@ -62,16 +66,20 @@ def run(original: onnx.ModelProto, work: onnx.ModelProto, calib: calibrate.Datas
         notes.append("nothing to calibrate: no unfrozen group has a consumer to merge into")
         return work
     _warn_few_samples(groups, stats, notes)
-    probe = validate.output_error_probe(work, graph, groups, calib.head(_probe_samples(
+    probe = OutputErrorProbe(work, graph, groups, calib.head(_probe_samples(
         calib.samples, len(groups.active()))))
     sequential = options.refit and options.compensate and options.method != "magnitude"
     refit_groups = sorted({gid for _, gid in stats.points})
+    measured = latency_table.measure_layers(
+        graph, cost_feeds, options.latency_batch, options.threads, options.round_to, notes
+    ) if options.target == "latency" else None
 
     def slimmed(fraction: float) -> onnx.ModelProto:
         plans: Plan = redundancy.plan(
             graph, groups, stats, fraction=fraction, probe=probe, method=options.method,
             target=options.target, threshold=options.threshold,
-            compensate=options.compensate, feeds=cost_feeds, round_to=options.round_to)
+            compensate=options.compensate, feeds=cost_feeds, round_to=options.round_to,
+            measured=measured)
         methods.update(methods_by_producer(groups, plans))
         if sequential:
             return refit.refit(work, graph, groups, plans, calib, refit_groups)[0]
@@ -79,7 +87,23 @@ def run(original: onnx.ModelProto, work: onnx.ModelProto, calib: calibrate.Datas
 
     if budget.ratio is not None:
         return _by_ratio(original, work, budget.ratio, options.target, cost_feeds, slimmed, notes)
-    return _search(original, held, slimmed, budget, notes) or work
+    return _search(original, held, slimmed, budget, notes,
+                   _tracer(trace, original, cost_feeds)) or work
+
+
+def _tracer(trace: list[dict] | None, original: onnx.ModelProto, feeds: dict
+            ) -> Callable[[onnx.ModelProto, validate.Comparison, bool], None] | None:
+    """Records each candidate of a search in `trace` (the report's `search`, the plot's
+    fidelity-vs-FLOPs curve): kept FLOPs and the measured fidelity."""
+    if trace is None:
+        return None
+    base = max(report.flops(original, feeds), 1)
+
+    def record(model: onnx.ModelProto, cmp: validate.Comparison, ok: bool) -> None:
+        trace.append({"flops_kept": report.flops(model, feeds) / base,
+                      "max_rel_error": cmp.max_rel_error, "top1_agreement": cmp.top1_agreement,
+                      "accuracy": cmp.accuracy_after, "within": ok})
+    return record
 
 
 def nothing_to_calibrate(graph: Graph, groups: GroupSet) -> str | None:
@@ -123,37 +147,45 @@ def _by_ratio(original: onnx.ModelProto, work: onnx.ModelProto, ratio: float, ta
         return work
     result = slimmed(fraction)
     reached = cost(result)
-    if reached > (1 - ratio) * base * 1.02:
+    if target != "latency" and reached > (1 - ratio) * base * 1.02:  # latency: measured
         notes.append(f"budget not met: reached {reached / base:.3f} of the original "
                      f"{target} (frozen groups limit the reduction)")
     return result
 
 
-def _probe_samples(samples: int, groups: int, most: int = 128, least: int = 8) -> int:
-    """Samples per sensitivity probe: one probe per group runs the whole model, so all
-    probes together cost about one pass over the calibration set, within [least, most]."""
+def _probe_samples(samples: int, groups: int, most: int = 128, least: int = 4) -> int:
+    """Samples per sensitivity probe: one probe per group runs the part of the model after
+    the group (probe.py), so all probes together cost about one pass over the calibration
+    set, within [least, most]. Sensitivities span orders of magnitude across groups; on a
+    ResNet-50 four samples give them within 15% of eight."""
     return max(least, min(most, samples // max(groups, 1)))
 
 
 def _search(original: onnx.ModelProto, held: calibrate.Dataset,
             slimmed: Callable[[float], onnx.ModelProto], budget: Budget,
-            notes: list[str]) -> onnx.ModelProto | None:
-    """Bisection on the kept cost fraction for the largest reduction within the bound."""
-    within = _bound(original, held, budget)
+            notes: list[str], explored: Callable[[onnx.ModelProto, validate.Comparison,
+                                                  bool], None] | None = None
+            ) -> onnx.ModelProto | None:
+    """Bisection on the kept cost fraction for the largest reduction within the bound;
+    `explored` is told every candidate, its comparison and whether it passed."""
+    within = _bound(original, held, budget, explored)
     lo, hi, best = 0.02, 1.0, None
-    for _ in range(8):
-        mid = (lo + hi) / 2
-        candidate = slimmed(mid)
-        if within(candidate):
-            best, hi = candidate, mid
-        else:
-            lo = mid
+    with progress.overall(8, "searching") as step:
+        for _ in range(8):
+            mid = (lo + hi) / 2
+            candidate = slimmed(mid)
+            if within(candidate):
+                best, hi = candidate, mid
+            else:
+                lo = mid
+            step()
     if best is None:
         notes.append("no reduction stays within the bound")
     return best
 
 
-def _bound(original: onnx.ModelProto, held: calibrate.Dataset, budget: Budget
+def _bound(original: onnx.ModelProto, held: calibrate.Dataset, budget: Budget,
+           explored: Callable[[onnx.ModelProto, validate.Comparison, bool], None] | None = None
            ) -> Callable[[onnx.ModelProto], bool]:
     """The fidelity test a candidate must pass on the hold-out data."""
     if budget.min_agreement is not None:
@@ -165,9 +197,13 @@ def _bound(original: onnx.ModelProto, held: calibrate.Dataset, budget: Budget
     def within(model: onnx.ModelProto) -> bool:
         cmp = validate.compare(original, model, held.batches, held.labels)
         if budget.max_accuracy_drop is not None:
-            return cmp.accuracy_before - cmp.accuracy_after <= budget.max_accuracy_drop
-        if budget.min_agreement is not None:
-            return (cmp.top1_agreement or 0.0) >= budget.min_agreement
-        return cmp.max_rel_error <= budget.max_error
+            ok = cmp.accuracy_before - cmp.accuracy_after <= budget.max_accuracy_drop
+        elif budget.min_agreement is not None:
+            ok = (cmp.top1_agreement or 0.0) >= budget.min_agreement
+        else:
+            ok = cmp.max_rel_error <= budget.max_error
+        if explored is not None:
+            explored(model, cmp, ok)
+        return ok
 
     return within

@@ -15,16 +15,17 @@ import signal
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
-from . import __version__
+from . import __version__, plot, progress
 from .api import analyze, slim
 from .atomic import write_atomic
 from .errors import SlimError, UsageError
 from .lumping.budget import DEFAULT_ROUND_TO
 from .lumping.redundancy import METHODS
-from .options import check_paths
-from .report import render_groups
+from .options import TARGETS, check_budget, check_paths
+from .report import Report, render_groups
 
 
 def _shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -33,6 +34,25 @@ def _shape(text: str) -> tuple[str, tuple[int, ...]]:
         return name, tuple(int(d) for d in dims.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected name:1x3x224x224, got {text!r}") from None
+
+
+def _ratios(text: str) -> list[float]:
+    """`0.5` or a list `0.3,0.5,0.7` (one model per ratio)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected R or R1,R2,..., got {text!r}") from None
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"repeated ratio in {text!r}")
+    return values
+
+
+def suffixed(path: str | None, ratio: float, several: bool) -> str | None:
+    """OUT.onnx -> OUT_r0.3.onnx for each ratio of a list (the path itself for one ratio)."""
+    if path is None or not several:
+        return path
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}_r{ratio:g}{p.suffix}"))
 
 
 EXIT_INTERNAL, EXIT_PIPE = 3, 141
@@ -67,7 +87,9 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--holdout", metavar="FILE", help="validation inputs, same formats; an "
                       "optional 'labels' array enables accuracy")
     budget = data.add_mutually_exclusive_group()
-    budget.add_argument("--ratio", type=float, help="fraction of FLOPs (or --target) to remove")
+    budget.add_argument("--ratio", type=_ratios, metavar="R[,R...]",
+                        help="fraction of FLOPs (or --target) to remove; a list (0.3,0.5,0.7) "
+                        "writes one model per ratio, OUT_r0.3.onnx, ...")
     budget.add_argument("--max-error", type=float,
                         help="largest held-out relative output error accepted")
     budget.add_argument("--max-accuracy-drop", type=float,
@@ -75,7 +97,9 @@ def parser() -> argparse.ArgumentParser:
     budget.add_argument("--min-agreement", type=float, metavar="A",
                         help="smallest held-out top-1 agreement with the original accepted "
                              "(no labels needed)")
-    data.add_argument("--target", choices=("flops", "params"), default="flops")
+    data.add_argument("--target", choices=TARGETS, default="flops",
+                      help="what --ratio removes: flops (default), params, or latency "
+                      "(each layer timed alone at the widths it may take, cached on disk)")
     data.add_argument("--method", choices=METHODS, default="lfrns")
     data.add_argument("--threshold", type=float, default=0.05,
                       help="lfrns: clustering distance on 1-|corr| (default 0.05)")
@@ -96,9 +120,14 @@ def parser() -> argparse.ArgumentParser:
                      help="batch size of the latency measurement (default 1)")
     run.add_argument("--threads", type=int, metavar="N", help="intra-op threads of the "
                      "latency measurement (default: every CPU this process may use)")
+    p.add_argument("--plot", metavar="FILE.png", help="plot kept channels per group (and a "
+                   "bound search's fidelity-vs-FLOPs points, or a --ratio list's trade-off); "
+                   "needs matplotlib")
     p.add_argument("--inspect", action="store_true",
                    help="print channel groups and freeze reasons; write nothing")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress; tracebacks")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log each phase with its time; tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--version", action="version", version=f"onnxslim-fr {__version__}")
     return p
 
@@ -141,10 +170,38 @@ def _run(args: argparse.Namespace, written: list[str]) -> int:
         return 0
     if args.output is None:
         raise UsageError("an output path is required (or use --inspect)")
-    check_paths(args.input, args.output, args.report)
-    result = slim(args.input, args.output, input_shapes=dict(args.input_shape),
+    ratios = args.ratio or [None]
+    several = len(ratios) > 1
+    for ratio in ratios:  # every ratio checked before the first model is written
+        check_budget(args.data, args.holdout, ratio, args.max_error, args.max_accuracy_drop,
+                     args.min_agreement)
+        check_paths(args.input, suffixed(args.output, ratio, several),
+                    suffixed(args.report, ratio, several))
+    if args.plot is not None:
+        plot.require(args.plot)
+        check_paths(args.input, args.plot)
+    runs = []
+    bar = progress.overall(len(ratios), "ratios") if several else nullcontext(lambda: None)
+    with progress.quiet(args.quiet), bar as step:
+        for ratio in ratios:
+            runs.append((ratio, _slim_one(args, ratio, several, written)))
+            step()
+    if args.plot is not None:
+        if several:
+            plot.write_tradeoff(args.plot, runs)
+        else:
+            plot.write(args.plot, runs[0][1])
+        written.append(args.plot)
+    return 0
+
+
+def _slim_one(args: argparse.Namespace, ratio: float | None, several: bool,
+              written: list[str]) -> Report:
+    """One slim call; its model and report written, its table printed."""
+    output, report = suffixed(args.output, ratio, several), suffixed(args.report, ratio, several)
+    result = slim(args.input, output, input_shapes=dict(args.input_shape),
                   tolerance=args.tolerance, data=args.data, holdout=args.holdout,
-                  ratio=args.ratio, max_error=args.max_error,
+                  ratio=ratio, max_error=args.max_error,
                   max_accuracy_drop=args.max_accuracy_drop,
                   min_agreement=args.min_agreement, target=args.target,
                   method=args.method, threshold=args.threshold,
@@ -152,16 +209,18 @@ def _run(args: argparse.Namespace, written: list[str]) -> int:
                   batch_size=args.batch_size, max_samples=args.max_samples,
                   round_to=args.round_to, provider=args.provider,
                   latency_batch=args.latency_batch, threads=args.threads)
-    written.append(args.output)
-    if args.report:  # files first: a closed stdout must not cost the report
+    written.append(output)
+    if report:  # files first: a closed stdout must not cost the report
         try:
-            write_atomic(args.report, json.dumps(result.report.to_json(), indent=2).encode())
+            write_atomic(report, json.dumps(result.report.to_json(), indent=2).encode())
         except OSError as exc:
-            raise UsageError(f"cannot write --report {args.report}: {exc.strerror or exc} "
-                             f"({args.output} was written)") from None
-        written.append(args.report)
+            raise UsageError(f"cannot write --report {report}: {exc.strerror or exc} "
+                             f"({output} was written)") from None
+        written.append(report)
+    if several:
+        _print(f"--ratio {ratio:g}: {output}")
     _print(result.report.render())
-    return 0
+    return result.report
 
 
 class _Interrupted(KeyboardInterrupt):

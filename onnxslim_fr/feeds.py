@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from . import weights
 from .errors import BadDataError, BadModelError
 from .runtime import first_line, input_specs, is_float, run_error, session
 
@@ -247,7 +247,7 @@ class _GraphIndex:
 
     def const(self, name: str) -> np.ndarray | None:
         t = self.consts.get(name)
-        return None if t is None else numpy_helper.to_array(t)
+        return None if t is None else weights.array(t)
 
     def dims(self, name: str) -> tuple[int | None, ...] | None:
         return tuple(self.consts[name].dims) if name in self.consts else self.shapes.get(name)

@@ -24,6 +24,8 @@ import onnx_ir as ir
 from onnx_ir.passes import common
 from onnxscript.optimizer import fold_constants_ir
 
+from . import weights
+
 log = logging.getLogger(__name__)
 
 #: Largest constant (elements) an op may read or write to be folded: weights up to this
@@ -49,6 +51,7 @@ def fold(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
     work = ir.serde.deserialize_model(model)
+    _locate_stored(work)
     common.InlinePass()(work)
     fold_constants_ir(work, onnx_shape_inference=False, input_size_limit=FOLD_LIMIT,
                       output_size_limit=FOLD_LIMIT, should_fold=_should_fold)
@@ -58,3 +61,18 @@ def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
     out = ir.serde.serialize_model(work)
     out.ir_version = model.ir_version
     return out
+
+
+def _locate_stored(model: ir.Model) -> None:
+    """Weights in slim's store (weights.py) are external tensors relative to its directory:
+    tell the folder where, so it reads them (mapped) when it folds one; untouched ones are
+    written back as the same references."""
+    store = weights.current()
+    if store is None:
+        return
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and (store.dir / tensor.location).is_file():
+            value.const_value = ir.ExternalTensor(
+                tensor.location, tensor.offset, tensor.length, tensor.dtype,
+                shape=tensor.shape, name=tensor.name, base_dir=store.dir)

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import weights
 from .errors import BadModelError, InternalError
 from .folding import fold
 from .shape_values import resolved_reshapes
@@ -45,11 +46,13 @@ class Graph:
         self._arrays: dict[str, np.ndarray] = {}
 
     def const(self, name: str) -> np.ndarray | None:
-        """The value of an initializer, or None for a computed tensor."""
+        """The value of an initializer, or None for a computed tensor. Large weights are
+        read-only maps of the store's files (weights.py): the index shares them with every
+        model that refers to them instead of holding its own copy."""
         if name not in self.initializers:
             return None
         if name not in self._arrays:
-            self._arrays[name] = numpy_helper.to_array(self.initializers[name])
+            self._arrays[name] = weights.array(self.initializers[name])
         return self._arrays[name]
 
     def shape(self, name: str) -> tuple[int | None, ...] | None:
@@ -146,10 +149,10 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     g.node.extend(kept)
     name_nodes(model)
     _drop_initializer_inputs(model)
-    return infer_shapes(model)
+    return weights.intern(infer_shapes(model))  # the folder's new weights join the store
 
 
-SKELETON_LIMIT = 4096  # initializers up to this many elements keep their values
+SKELETON_LIMIT = weights.SMALL_ELEMENTS  # initializers this small keep their values
 
 
 def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -191,8 +194,10 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     about. Reshape outputs it leaves unknown are filled from their evaluated targets
     (shape_values.py) and inference runs again, so the ops after them see shapes too. The
     inferred shapes are written into `model`, which is returned."""
+    declare_weight_inputs(model)
     _infer_into(model)
-    for _ in range(4):
+    # each round can only resolve Reshapes whose input shapes the previous one told
+    for _ in range(1 + sum(n.op_type == "Reshape" for n in model.graph.node)):
         resolved = resolved_reshapes(Graph(model))
         if not resolved:
             break
@@ -243,6 +248,19 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
             while node.name in seen:
                 node.name += "_"
         seen.add(node.name)
+    return model
+
+
+def declare_weight_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Graph inputs that name an initializer (IR < 4 lists every weight there) declare the
+    weight's current type and shape: a rewrite that slices a weight leaves the old
+    declaration behind, which inference and onnxruntime would reject. In place."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for vi in model.graph.input:
+        t = inits.get(vi.name)
+        if t is not None and [d.dim_value for d in vi.type.tensor_type.shape.dim] != \
+                list(t.dims):
+            vi.type.CopyFrom(onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
     return model
 
 

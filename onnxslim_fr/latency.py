@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from . import progress
 from .runtime import input_specs, runner, session
 
 
@@ -61,6 +62,7 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+@progress.phase("latency measurement")
 def measure(before: onnx.ModelProto, after: onnx.ModelProto,
             feeds: Mapping[str, np.ndarray], timing: Timing,
             notes: list[str]) -> Comparison | None:

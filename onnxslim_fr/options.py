@@ -17,10 +17,10 @@ import onnxruntime as ort
 
 from .errors import BadDataError, UsageError
 from .lumping.redundancy import METHODS
-from .model_io import Source, check_runnable, data_path
-from .runtime import provider_name
+from .model_io import Source, data_files, data_path
+from .runtime import check_runnable, provider_name
 
-TARGETS = ("flops", "params")
+TARGETS = ("flops", "params", "latency")
 BUDGET_FLAGS = ("--ratio", "--max-error", "--max-accuracy-drop", "--min-agreement")
 
 
@@ -109,8 +109,12 @@ def check_paths(model: object, output: str | os.PathLike[str] | None,
         check_not_overwriting([source] if source else [], out)
     if report is not None:
         rep = Path(report)
+        # an existing file might be one of the input's weight files (read only then)
+        inputs = data_files(source) if source and os.path.isfile(source) and \
+            os.path.exists(rep) else []
         for other, what in ((source, "the input model"), (out, "the output model"),
-                            (out and data_path(out), "the output's weight file")):
+                            (out and data_path(out), "the output's weight file"),
+                            *((d, "a weight file of the input model") for d in inputs)):
             if other is not None and _same(rep, other):
                 raise UsageError(f"--report {rep} is {what}: choose another report path")
         _check_writable(rep, "--report")

@@ -12,13 +12,14 @@ data and solves, by ridge least squares on centred paired statistics,
 layer thus reconstructs the *original* input of its consumers from what actually reaches
 it, compensating the errors of all layers before it: He et al.'s and ThiNet's sequential
 reconstruction, post-training. Groups with nothing removed are refit too, so they absorb
-the drift from upstream. Statistics are O(C²) per read point; the values kept between
-stages are bounded by MAX_SAMPLES and CACHE_BYTES, never by the calibration set's size.
+the drift from upstream. Statistics are O(C²) per read point, from at most
+calibrate.ROWS_PER_CHANNEL observations per channel (positions subsampled as calibration
+does); the values kept between stages are bounded by MAX_SAMPLES and CACHE_BYTES, never
+by the calibration set's size.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -26,13 +27,14 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from . import rewrite
-from .calibrate import Dataset, channel_rows, cut, slice_of
+from . import progress, rewrite
+from .calibrate import Dataset, channel_rows, row_stride
 from .channels.structures import GroupSet
 from .graph import Graph
 from .lumping.consumers import occurrences
 from .lumping.plan import GroupPlan, Plan
 from .runtime import session
+from .subgraph import cut, slice_of
 
 RIDGE = 1e-4  # relative to the mean variance of the regressors
 MAX_SAMPLES = 2048  # per stage; conv maps give every sample many rows
@@ -84,6 +86,7 @@ class PairedStats:
         return mix, mo - mix @ ms
 
 
+@progress.phase("sequential refit")
 def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
           data: Dataset, gids: list[int], max_samples: int = MAX_SAMPLES
           ) -> tuple[onnx.ModelProto, Plan]:
@@ -109,7 +112,7 @@ def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
         return rewrite.apply(sub, Graph(sub), groups, plans, finalize=False, analysis=graph)
 
     pooled: dict[tuple[int, str], PairedStats] = {}
-    bar = tqdm(stages, desc="refitting", unit="layer", disable=not sys.stderr.isatty(),
+    bar = tqdm(stages, desc="refitting", unit="layer", disable=not progress.shown(),
                leave=False)
     for tensor, stage_gids in bar:
         lay = groups.layouts[tensor]
@@ -118,7 +121,9 @@ def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
         for ref, now in zip(*values.advance(tensor, slimmed), strict=True):
             for g in stage_gids:
                 for k, _ in occurrences(groups, tensor, g):  # a repeated group pools them
-                    paired[g].add(channel_rows(ref, lay, k), channel_rows(now, shrunk, k))
+                    step = row_stride(ref, lay, k, values.count)  # as calibration does
+                    paired[g].add(channel_rows(ref, lay, k)[::step],
+                                  channel_rows(now, shrunk, k)[::step])
         for g in stage_gids:
             tied = _tied(groups.groups[g].ties, tensor)
             if len(tied) > 1:  # one weight reads them all: solve on all their samples so far

@@ -14,6 +14,7 @@ from .channels.handlers.base import OpHandler, known
 from .errors import BadModelError, SlimError
 from .graph import Graph, infer_shapes, skeleton
 from .latency import Comparison, is_noise
+from .model_io import byte_size
 from .runtime import run
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Report:
     output_errors: list[dict] = field(default_factory=list)
     latency: Comparison | None = None
     provider: str | None = None
+    search: list[dict] = field(default_factory=list)  # candidates of a bound's bisection
 
     def to_json(self) -> dict:
         out = {
@@ -57,6 +59,7 @@ class Report:
             "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
             "exact_max_rel_error": self.exact_max_rel_error, "rounds": self.rounds,
             "groups": self.groups, "notes": self.notes, "output_errors": self.output_errors,
+            "search": self.search,
         }
         return out
 
@@ -122,7 +125,7 @@ def figures(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = Non
     same model normalized, whose weights are all initializers (an exporter's Constant
     nodes would otherwise be missing from params and channels); the file size is `model`'s."""
     counted = model if counted is None else counted
-    return Figures(params(counted), flops(counted, feeds), channels(counted), model.ByteSize())
+    return Figures(params(counted), flops(counted, feeds), channels(counted), byte_size(model))
 
 
 def params(model: onnx.ModelProto) -> int:

@@ -174,7 +174,7 @@ def _materialize(model: onnx.ModelProto, rw: RewriteContext, finalize: bool) -> 
             init.CopyFrom(numpy_helper.from_array(rw.staged.pop(init.name), init.name))
     for name, value in rw.staged.items():
         g.initializer.append(numpy_helper.from_array(value, name))
-    nodes = []
+    nodes, biases = [], {}
     for node in g.node:
         for (node_name, index), name in rw.new_inputs.items():
             if node_name == node.name:
@@ -186,7 +186,7 @@ def _materialize(model: onnx.ModelProto, rw: RewriteContext, finalize: bool) -> 
                 _set_attr(node, attr_name, value)
         nodes.append(node)
         if node.name in rw.bias_after:
-            nodes.append(_bias_node(node, rw.bias_after[node.name], g))
+            nodes.append(_bias_node(node, rw.bias_after[node.name], g, biases))
     del g.node[:]
     g.node.extend(nodes)
     del g.value_info[:]
@@ -229,8 +229,11 @@ def _drop_dead(model: onnx.ModelProto) -> None:
         g.initializer.extend(inits)
 
 
-def _bias_node(node: onnx.NodeProto, bias: np.ndarray, g: onnx.GraphProto) -> onnx.NodeProto:
-    """MatMul has no bias input: route its output through a new Add carrying the offset."""
+def _bias_node(node: onnx.NodeProto, bias: np.ndarray, g: onnx.GraphProto,
+               biases: dict[tuple, str]) -> onnx.NodeProto:
+    """MatMul has no bias input: route its output through a new Add carrying the offset.
+    MatMuls sharing a weight take the same plan, so their offsets are equal: one
+    initializer (`biases`, by value) serves them all."""
     original = node.output[0]
     taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
     round_ = 0  # a later exact round may add another bias after the same MatMul
@@ -238,6 +241,10 @@ def _bias_node(node: onnx.NodeProto, bias: np.ndarray, g: onnx.GraphProto) -> on
             f"{original}__slim_premerge{round_ or ''}" in taken:
         round_ += 1
     node.output[0] = f"{original}__slim_premerge{round_ or ''}"
-    name = f"{node.name}__slim_bias{round_ or ''}"
-    g.initializer.append(numpy_helper.from_array(bias, name))
-    return onnx.helper.make_node("Add", [node.output[0], name], [original], name=f"{name}_add")
+    add = f"{node.name}__slim_bias{round_ or ''}"
+    key = (bias.dtype.str, bias.shape, bias.tobytes())
+    if key not in biases:
+        biases[key] = add
+        g.initializer.append(numpy_helper.from_array(bias, add))
+    return onnx.helper.make_node("Add", [node.output[0], biases[key]], [original],
+                                 name=f"{add}_add")

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
+from . import progress
 from .graph import check
 from .runtime import first_line, is_float, run, session, try_run
 
@@ -93,28 +94,72 @@ def default_tolerance(model: onnx.ModelProto) -> float:
     return max([DEFAULT_TOLERANCE, *(TOLERANCES[t] for t in types if t in TOLERANCES)])
 
 
+@progress.phase("validation run")
 def compare(original: onnx.ModelProto, slimmed: onnx.ModelProto,
             batches: Iterable[Mapping[str, np.ndarray]],
             labels: np.ndarray | None = None) -> Comparison:
     """Run both models on every feed dict of `batches` (random, calibration, hold-out: any
     list). Errors are per output, relative to that output's largest magnitude; top-1 and
-    accuracy use the first output when it looks like float class scores (batch, classes)."""
+    accuracy use the first output when it looks like float class scores (batch, classes).
+
+    The original runs first and its outputs are kept (up to REFERENCE_BYTES at a time),
+    then its session is released before the slimmed model's is built: two sessions alive
+    at once would hold the weights twice more."""
     check(slimmed, "slimmed model fails the checker")
-    sess_a = session(original)
-    errors = [OutputError(o.name) for o in sess_a.get_outputs()]
-    sess_b, problem = _session_like(slimmed, [e.name for e in errors])
+    names: list[str] | None = None
+    errors: list[OutputError] = []
     preds_a, preds_b = [], []
-    for feeds in batches:
-        outs_a = run(sess_a, feeds)  # the original refusing the data is the data's fault
-        outs_b, failed = (None, None) if problem else try_run(sess_b, feeds)
-        problem = problem or (failed and f"the slimmed model fails to run: {failed}")
+    problem = ""
+    for chunk, reference, have in _references(original, batches):
+        if names is None:
+            names = have
+            errors = [OutputError(n) for n in names]
+        sess_b, problem = _session_like(slimmed, names)
+        for feeds, outs_a in zip(chunk, reference, strict=True):
+            outs_b, failed = (None, None) if problem else try_run(sess_b, feeds)
+            problem = problem or (failed and f"the slimmed model fails to run: {failed}")
+            if problem:
+                break
+            for err, a, b in zip(errors, outs_a, outs_b, strict=True):
+                _accumulate(err, a, b)
+            if _looks_like_scores(outs_a[0]) and np.shape(outs_b[0]) == np.shape(outs_a[0]):
+                preds_a.append(np.asarray(outs_a[0]).argmax(1))
+                preds_b.append(np.asarray(outs_b[0]).argmax(1))
+        del sess_b
         if problem:
             break
-        for err, a, b in zip(errors, outs_a, outs_b, strict=True):
-            _accumulate(err, a, b)
-        if _looks_like_scores(outs_a[0]) and np.shape(outs_b[0]) == np.shape(outs_a[0]):
-            preds_a.append(np.asarray(outs_a[0]).argmax(1))
-            preds_b.append(np.asarray(outs_b[0]).argmax(1))
+    return _result(errors, problem, preds_a, preds_b, labels)
+
+
+#: Reference outputs kept at a time; past it the sessions take turns per chunk of batches.
+REFERENCE_BYTES = 256 * 1024**2
+
+
+def _references(original: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]]):
+    """(batches, the original's outputs on them, its output names), chunk by chunk; the
+    original's session is gone before each chunk is handed out. The first chunk comes
+    even when there are no batches (the output names are still compared)."""
+    pending, first = iter(batches), True
+    while True:
+        sess_a = session(original)
+        names = [o.name for o in sess_a.get_outputs()]
+        chunk, outputs, size = [], [], 0
+        for feeds in pending:
+            outputs.append(run(sess_a, feeds))  # the original refusing data: the data's fault
+            chunk.append(feeds)
+            size += sum(o.nbytes for o in outputs[-1] if isinstance(o, np.ndarray))
+            if size > REFERENCE_BYTES:
+                break
+        del sess_a
+        if chunk or first:
+            yield chunk, outputs, names
+        if size <= REFERENCE_BYTES:  # every batch was taken
+            return
+        first = False
+
+
+def _result(errors: list[OutputError], problem: str, preds_a: list, preds_b: list,
+            labels: np.ndarray | None) -> Comparison:
     floor = max(SCALE_FLOOR, RELATIVE_FLOOR * max((e.scale for e in errors), default=0.0))
     for err in errors:
         if problem:
@@ -187,6 +232,7 @@ def _nested_equal(a, b) -> bool:
     return a == b
 
 
+@progress.phase("sensitivity probe set-up")
 def output_error_probe(model: onnx.ModelProto, graph, groups, batches: Sequence[Mapping]):
     """A function plans -> relative squared output error of `model` slimmed by them."""
     from .rewrite import apply

@@ -24,7 +24,7 @@ def _init(name: str, *shape: int) -> onnx.TensorProto:
 
 
 def _zoo() -> tuple[onnx.ModelProto, list[tuple[int, int]]]:
-    """Every counted op kind once, with its (MACs, weight params) worked out by hand.
+    """Every counted op kind once, with its (MACs, parameters) worked out by hand.
 
     x [1,4,9,9] ─ conv 3x3 s2 p1 (8) ─ conv 3x3 p1 group 2 (8) ─ depthwise 3x3 p0 ─ flatten
       ─ gemm (72x10) ─ gemm transB (6x10)                                        ─ out
@@ -55,11 +55,11 @@ def _zoo() -> tuple[onnx.ModelProto, list[tuple[int, int]]]:
     model.ir_version = 10
     onnx.checker.check_model(model, full_check=True)
     expected = [
-        (8 * 5 * 5 * (4 * 9), 8 * 4 * 9),  # c1: 9x9 -> 5x5 (stride 2, pad 1)
+        (8 * 5 * 5 * (4 * 9), 8 * 4 * 9 + 8),  # c1: 9x9 -> 5x5 (stride 2, pad 1), bias
         (8 * 5 * 5 * (4 // 2 * 4 // 2 * 9), 8 * 4 * 9),  # c2: each output reads 4/2 channels
         (8 * 3 * 3 * (1 * 9), 8 * 9),  # c3 depthwise: one channel per output, 5x5 -> 3x3
-        (10 * 72, 72 * 10),  # h1: (1,72) x (72,10)
-        (6 * 10, 6 * 10),  # h2: transB, (1,10) x (10,6)
+        (10 * 72, 72 * 10 + 10),  # h1: (1,72) x (72,10), bias
+        (6 * 10, 6 * 10 + 6),  # h2: transB, (1,10) x (10,6), bias
         (5 * 7 * 6, 6 * 7),  # m: (1,5,6) x (6,7)
         (5 * 5 * 7, 0),  # att: (1,5,7) x (1,7,5), two activations: no parameters
     ]
@@ -85,7 +85,7 @@ def test_gemm_counts_its_weight_the_same_either_way_round():
     g2 = next(t for t in model.graph.initializer if t.name == "g2")
     g2.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(g2).T.copy(), "g2"))
     del node.attribute[:]  # transB=0 with the transposed (10, 6) weight
-    assert report.node_costs(model)[5] == (60, 60)
+    assert report.node_costs(model)[5] == (60, 66)
     assert report.channels(model) == 8 + 8 + 8 + 10 + 6 + 7
 
 

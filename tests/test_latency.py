@@ -10,8 +10,11 @@ import onnxruntime as ort
 import pytest
 from builders import Net, cnn_input
 
-from onnxslim_fr import latency, runtime, slim
+from onnxslim_fr import latency, latency_table, runtime, slim
+from onnxslim_fr.channels import build_groups
 from onnxslim_fr.cli import main
+from onnxslim_fr.graph import Graph, normalize
+from onnxslim_fr.lumping.budget import CostModel, allocate
 from onnxslim_fr.report import Figures, Report
 
 FAST = latency.Timing(runs=5, min_seconds=0.0)
@@ -141,3 +144,90 @@ def test_cli_report_json_has_the_latency_keys(tmp_path):
     rep = json.loads(report.read_text())
     assert rep["latency_batch"] == 2 and rep["latency_threads"] == 1
     assert {"latency_spread_ms_before", "latency_spread_ms_after"} <= set(rep)
+
+
+# --target latency ---------------------------------------------------------------------------
+def _wide_cnn(widths=(64, 64, 64), hw: int = 16):
+    """x [N, 3, hw, hw] ─ conv 64 ─ conv 64 ─ conv 64 ─ GAP ─ gemm 10 (ReLU after each
+    conv): the convolutions, not onnxruntime's per-run overhead, set the latency."""
+    b = Net(cnn_input(c=3, hw=hw), seed=3)
+    h = b.x
+    for w in widths:
+        h = b.relu(b.conv(h, w))
+    return b.build(b.gemm(b.flatten(b.gap(h)), 10))
+
+
+def _flat_curves(cost: CostModel) -> dict[int, np.ndarray]:
+    """The same error curve for every unfrozen group: only the costs can tell them apart."""
+    return {g: np.linspace(1.0, 0.0, size + 1) for g, size in cost.sizes.items() if size != 10}
+
+
+def test_latency_cost_model_allocates_by_measured_ms_not_macs():
+    """conv 1 (3 -> 64) writes group A, conv 2 (64 -> 64) group B, read by the gemm; same
+    error curves, and by MACs a channel of A costs about what one of B does (A is cut
+    first). Measured, the gemm takes as long as conv 2: B is now dearer and goes first."""
+    model = normalize(_wide_cnn(widths=(64, 64)))
+    graph = Graph(model)
+    groups = build_groups(graph)
+    feeds = {"x": np.zeros((1, 3, 16, 16), np.float32)}
+    flops = CostModel(graph, groups, "flops", feeds)
+    conv1, conv2, gemm = (i for i, n in enumerate(graph.nodes) if n.op_type in ("Conv", "Gemm"))
+    measured = {conv1: lambda fi, fo: 0.1 * fi * fo, conv2: lambda fi, fo: 1.0 * fi * fo,
+                gemm: lambda fi, fo: 1.0 * fi * fo}
+    slow = CostModel(graph, groups, "latency", feeds, measured)
+    assert slow.total() == pytest.approx(2.1)
+    assert slow.total({g: s // 2 for g, s in slow.sizes.items()}) == pytest.approx(
+        0.1 / 2 + 1.0 / 4 + 1.0 / 4)
+    by_macs = allocate(_flat_curves(flops), flops, 0.6 * flops.total())
+    by_ms = allocate(_flat_curves(slow), slow, 0.6 * slow.total())
+    a, b = (groups.layouts[graph.nodes[i].output[0]].segments[0].group for i in (conv1, conv2))
+    assert by_macs[a] < by_macs[b] == 64
+    assert by_ms[b] < by_ms[a] == 64  # the dear channels go first
+    assert slow.total(by_ms) <= 0.6 * slow.total()
+
+
+def test_tables_are_cached_on_disk_and_interpolate_between_measured_widths(tmp_path):
+    layer = latency_table.Layer("Conv", (("kernel_shape", [3, 3]), ("pads", [1, 1, 1, 1])),
+                                32, 32, (8, 8), (3, 3))
+    table = latency_table.Table(batch=1, threads=1, cache_dir=tmp_path, runs=3, min_seconds=0)
+    at = latency_table.Curve(table, layer, [8, 32], [8, 32])
+    assert table.measured == 4 and at.floor == table.ms(layer, 8, 8)
+    # costs count the time above the floor, never cheaper when wider whatever the noise
+    assert 0 == at(0.25, 0.25) <= at(0.625, 0.625) <= at(1.0, 1.0) == at.full - at.floor
+    assert at.full == max(table.entries.values())
+    table.save()
+    again = latency_table.Table(batch=1, threads=1, cache_dir=tmp_path, runs=3, min_seconds=0)
+    assert again.ms(layer, 8, 32) == table.ms(layer, 8, 32) and again.measured == 0
+    other = latency_table.Table(batch=4, threads=1, cache_dir=tmp_path)  # another batch
+    assert other.entries == {} and other.path != table.path
+
+
+def test_target_latency_times_layers_once_and_the_slimmed_model_is_faster(tmp_path,
+                                                                          monkeypatch):
+    """Layer tables are timed on the first run and read from the cache on the next, which
+    allocates the same; the report's own measurement shows the gain (a loose bound: test
+    machines are shared, so only 'faster' is asserted, not the 0.5 asked)."""
+    monkeypatch.setenv("ONNXSLIM_FR_CACHE", str(tmp_path))
+    data = {"x": np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32)}
+    options = dict(data=data, ratio=0.5, target="latency", threads=1, sequential_refit=False)
+    rep = slim(_wide_cnn(), latency_runs=30, **options).report
+    note = next(n for n in rep.notes if n.startswith("target latency"))
+    assert "0 from the cache" in note and list((tmp_path / "latency").glob("*.json"))
+    assert rep.latency.after.median_ms < rep.latency.before.median_ms
+    assert rep.after.flops < 0.8 * rep.before.flops
+    again = slim(_wide_cnn(), latency_runs=0, **options).report
+    assert any(n.startswith("target latency") and "(0 widths timed" in n for n in again.notes)
+    assert [g["kept"] for g in again.groups] == [g["kept"] for g in rep.groups]
+
+
+def test_target_latency_on_an_overhead_bound_model_does_not_remove_every_channel(
+        tmp_path, monkeypatch):
+    """At 8x8 and 16 channels a layer's time is mostly per-node overhead that no width
+    removes. Charged in full, half the latency would be out of reach and the allocation
+    would keep almost nothing; the ratio applies to the time that shrinks with width."""
+    monkeypatch.setenv("ONNXSLIM_FR_CACHE", str(tmp_path))
+    data = {"x": np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)}
+    rep = slim(_wide_cnn(widths=(16, 16, 16), hw=8), data=data, ratio=0.5, target="latency",
+               threads=1, sequential_refit=False, latency_runs=0).report
+    assert 0.25 * rep.before.flops < rep.after.flops < 0.9 * rep.before.flops
+    assert any("does not shrink with width" in n for n in rep.notes)

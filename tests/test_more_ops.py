@@ -268,7 +268,7 @@ def test_constant_channel_folds_through_conv_transpose_only_with_full_coverage(
 def test_conv_transpose_cost_and_channels() -> None:
     model, _ = _fpn({"strides": [2, 2], "kernel_shape": [3, 3]})
     macs, params = node_costs(model)[2]
-    assert (macs, params) == (6 * 6 * 6 * 5 * 9, 6 * 5 * 9)  # each input scattered 5x3x3
+    assert (macs, params) == (6 * 6 * 6 * 5 * 9, 6 * 5 * 9 + 5)  # each input scattered 5x3x3; bias
     rep = slim(model, latency_runs=0).report
     assert rep.before.channels == 6 + 5 + 4
     assert rep.after.channels == 5 + 4 + 4
@@ -425,4 +425,4 @@ def test_grouped_conv_freezes_with_its_reason_and_counts_its_macs() -> None:
     model = b.build(y)
     assert any("grouped Conv (group=2)" in r and "same number" in r for r in _reasons(model))
     assert removed(slim_exact(model)) == 0
-    assert node_costs(model)[2] == (4 * 6 * 6 * (8 // 2) * 9, 4 * 4 * 9)
+    assert node_costs(model)[2] == (4 * 6 * 6 * (8 // 2) * 9, 4 * 4 * 9 + 4)  # + bias

@@ -15,9 +15,12 @@ from onnxslim_fr import calibrate, slim
 from onnxslim_fr.channels import build_groups
 from onnxslim_fr.cli import main
 from onnxslim_fr.graph import Graph, normalize
-from onnxslim_fr.lumping.redundancy import forward_order
+from onnxslim_fr.lumping.plan import removal_plan
+from onnxslim_fr.lumping.redundancy import forward_order, group_models, lfrns_tiers, merge_rows
+from onnxslim_fr.probe import OutputErrorProbe, region
 from onnxslim_fr.refit import refit
 from onnxslim_fr.testing import assert_same_function
+from onnxslim_fr.validate import output_error_probe
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 CNN, MLP = MODELS / "digits_cnn.onnx", MODELS / "digits_mlp.onnx"
@@ -175,3 +178,92 @@ def test_forward_selection_curve_is_the_least_squares_error_of_each_prefix():
         assert curve[k] == pytest.approx(np.trace(q @ (sigma - explained)), rel=1e-6, abs=1e-8)
     single = [np.trace(q @ np.outer(sigma[:, j], sigma[:, j])) / sigma[j, j] for j in range(c)]
     assert order[0] == int(np.argmax(single))
+
+
+def _plain_greedy(q: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Reference: one channel at a time, the whole conditional covariance updated."""
+    a, curve = sigma.copy(), [float(np.trace(q @ sigma))]
+    left = list(range(len(sigma)))
+    while left:
+        d = np.maximum(np.diag(a)[left], 1e-300)
+        gains = np.einsum("ij,ij->j", a[:, left], q @ a[:, left]) / d
+        j = left.pop(int(np.argmax(gains)))
+        curve.append(curve[-1] - float(gains.max()))
+        a = a - np.outer(a[:, j], a[:, j]) / a[j, j]
+    return np.asarray(curve)
+
+
+def test_forward_selection_in_rounds_matches_plain_greedy_on_a_large_group():
+    """300 channels > POOL: rounds of pooled picks. The curve is still the exact
+    least-squares error of each prefix, and on average within 2% of plain greedy's."""
+    rng = np.random.default_rng(1)
+    c = 300
+    x = rng.standard_normal((2000, 60)) @ rng.standard_normal((60, c)) \
+        + 0.3 * rng.standard_normal((2000, c))
+    sigma = np.cov(x.T)
+    b = rng.standard_normal((c, 80))  # a reducing consumer: Q of rank 80
+    q = b @ b.T
+    gm = SimpleNamespace(group=SimpleNamespace(size=c), points={"t": (q, sigma, x.mean(0))})
+    order, curve = forward_order(gm, [np.arange(c)])
+    assert sorted(order) == list(range(c))
+    for k in (1, 50, 129, 200):
+        s = order[:k]
+        explained = sigma[:, s] @ np.linalg.solve(sigma[np.ix_(s, s)], sigma[s, :])
+        assert curve[k] == pytest.approx(np.trace(q @ (sigma - explained)), rel=1e-6)
+    ratio = curve[10:250] / _plain_greedy(q, sigma)[10:250]  # either may lead at the knee
+    assert np.exp(np.mean(np.log(ratio))) < 1.02 and ratio.max() < 1.15
+
+
+def test_sensitivity_probe_on_the_region_after_a_group_equals_the_whole_model_probe():
+    """A residual model; the probe runs only from the group's first member on, fed with
+    the original's values, and measures the same output error as the whole model."""
+    b = Net(cnn_input(c=2), seed=4)
+    stem = b.relu(b.conv(b.x, 8))
+    mid = b.relu(b.conv(stem, 6))
+    joined = b.relu(b.add(stem, b.conv(mid, 8)))
+    y = b.gemm(b.flatten(b.relu(b.conv(joined, 5))), 3)
+    model = normalize(b.build(y))
+    graph = Graph(model)
+    groups = build_groups(graph)
+    feeds = {"x": np.random.default_rng(0).standard_normal((64, 2, 8, 8)).astype(np.float32)}
+    data = calibrate.load_data(feeds, model, batch_size=16)
+    stats = calibrate.collect(model, groups, data)
+    sliced = OutputErrorProbe(model, graph, groups, data.batches[:2])
+    whole = output_error_probe(model, graph, groups, data.batches[:2])
+    checked = 0
+    for gm in group_models(graph, groups, stats):
+        order, _ = forward_order(gm, lfrns_tiers(gm, 0.05))
+        keep = np.sort(np.asarray(order[:gm.group.size // 2]))
+        plan = {gm.group.id: removal_plan(gm.group.size, keep, gm.group.read_points,
+                                          merge_rows(gm, keep, True), "lfrns")}
+        expected = whole(plan)
+        assert expected > 0
+        assert sliced(plan) == pytest.approx(expected, rel=1e-4)
+        checked += 1
+    assert checked >= 2
+    late = next(g for g in groups.active() if g.size == 6)  # the branch's inner group
+    assert "x" not in region(graph, late).reads  # starts inside the model, not at the input
+
+
+def test_statistics_of_a_large_activation_use_a_bounded_sample_of_positions():
+    """Positions beyond ROWS_PER_CHANNEL per channel are subsampled: the count is capped
+    and the covariance stays close to the one from every position."""
+    b = Net((None, 4, 64, 64), seed=2)
+    y = b.conv(b.relu(b.conv(b.x, 8)), 3)
+    model = normalize(b.build(y))
+    groups = build_groups(Graph(model))
+    x = np.random.default_rng(0).standard_normal((16, 4, 64, 64)).astype(np.float32)
+    data = calibrate.load_data({"x": x}, model, batch_size=8)
+    full_rows = 16 * 64 * 64
+    stats = calibrate.collect(model, groups, data)
+    (point,) = stats.points.values()
+    assert point.count <= 2 * calibrate.ROWS_PER_CHANNEL * 8 < full_rows
+    old = calibrate.ROWS_PER_CHANNEL
+    try:
+        calibrate.ROWS_PER_CHANNEL = full_rows
+        (every,) = calibrate.collect(model, groups, data).points.values()
+    finally:
+        calibrate.ROWS_PER_CHANNEL = old
+    assert every.count == full_rows
+    scale = np.abs(every.cov).max()
+    assert np.abs(point.cov - every.cov).max() < 0.1 * scale

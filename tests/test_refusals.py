@@ -126,6 +126,16 @@ def test_report_that_would_overwrite_a_model_is_refused(tmp_path, capsys, model_
     assert digests(tmp_path) == before
 
 
+def test_report_that_would_overwrite_the_input_weight_file_is_refused(tmp_path, capsys,
+                                                                     no_loading):
+    src = save(redundant_cnn(), tmp_path / "in.onnx", save_as_external_data=True,
+               location="weights.bin", size_threshold=0)
+    before = digests(tmp_path)
+    refused(capsys, [src, tmp_path / "out.onnx", "--report", tmp_path / "weights.bin"],
+            "--report", "weight file of the input model")
+    assert digests(tmp_path) == before
+
+
 def test_slim_from_python_refuses_to_overwrite_its_input(tmp_path, model_path):
     before = model_path.read_bytes()
     (tmp_path / "link.onnx").symlink_to(model_path)
@@ -366,7 +376,7 @@ def test_failed_serialization_leaves_no_file(tmp_path, monkeypatch, unnamed, ext
     def fails(model, ir_version):
         raise RuntimeError("serialization failed")
 
-    monkeypatch.setattr(model_io, "_serialized", fails)
+    monkeypatch.setattr(model_io, "serialized", fails)
     with pytest.raises(RuntimeError):
         model_io.save_atomic(redundant_cnn(), tmp_path / "m.onnx", external=external)
     assert list(tmp_path.iterdir()) == []

@@ -132,3 +132,24 @@ def test_calibrated_slimming_keeps_multiples_of_8_and_meets_the_budget():
     assert any(k < size for size, k in kept.items())
     assert all(k % 8 == 0 for k in kept.values())
     assert 0.98 * 0.5 <= rep.after.flops / rep.before.flops <= 0.5
+
+
+@pytest.mark.parametrize("seed", [4, 6, 9])
+def test_no_pair_of_rounded_steps_would_lower_the_error_within_the_budget(seed):
+    """With steps of 8 channels, giving back single steps stops where none fits; trading a
+    step of one group for a step of another can still lower the error (and fill more of
+    the budget). The allocation is a local optimum for every such pair."""
+    cost = _cost()
+    curves = _curves(cost, seed)
+    for fraction in (0.3, 0.45, 0.6):
+        limit = fraction * cost.total()
+        kept = allocate(curves, cost, limit, round_to=8)
+        error = sum(curves[g][k] for g, k in kept.items())
+        for g, h in ((g, h) for g in kept for h in kept if g != h):
+            up = allowed_counts(cost.sizes[g], 8)
+            down = allowed_counts(cost.sizes[h], 8)
+            if kept[g] == up[-1] or kept[h] == down[0]:
+                continue
+            trial = {**kept, g: int(up[up > kept[g]][0]), h: int(down[down < kept[h]][-1])}
+            if cost.total(trial) <= limit:
+                assert sum(curves[x][k] for x, k in trial.items()) >= error - 1e-12

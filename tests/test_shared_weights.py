@@ -169,3 +169,16 @@ def test_reader_that_edits_nothing_keeps_the_original():
     _resolve_edits(rw)
     assert "W0" not in rw.staged
     assert [node for node, _ in rw.new_inputs] == [users[0].name]
+
+
+def test_matmuls_sharing_a_weight_share_one_folded_bias():
+    """A calibrated merge folds an offset after every MatMul reading W1: the four equal
+    offsets are stored once, not once per time step."""
+    model = time_distributed("sum", layers=2)
+    result = slim(model, data=calibration(), ratio=0.3, round_to=1, latency_runs=0)
+    onnx.checker.check_model(result.model, full_check=True)
+    adds = [n for n in result.model.graph.node if "__slim_bias" in n.name]
+    stored = [t.name for t in result.model.graph.initializer if "__slim_bias" in t.name]
+    w1_adds = [n for n in adds if any(f"m1_{t}" in n.output[0] for t in range(STEPS))]
+    assert len(w1_adds) == STEPS  # every step still adds its offset
+    assert len({n.input[1] for n in w1_adds}) == 1 and len(stored) < len(adds)

@@ -400,3 +400,25 @@ def test_duplicate_goes_even_when_its_first_multiple_cannot_fold_its_offset():
     b.scale_filter(c, src=2, dst=3, factor=1.0)
     result = slim_exact(b.build(y))
     assert rows(result.model, "conv1.w") == 5
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_split_piece_nothing_reads_is_dead_and_goes(opset):
+    """conv(8) -> Split [3, 5] -> only the first piece is read: the 5 channels of the other
+    have zero fan-out, so exact mode removes them (one stays: a piece never goes empty)."""
+    b = Net((None, 3, 8, 8))
+    first, _ = split(b, b.relu(b.conv(b.x, 8)), [3, 5], opset)
+    model = b.build(b.conv(first, 4), opset=opset)
+    result = slim_exact(model)
+    assert [(g["size"], g["kept"]) for g in result.report.groups[:2]] == [(3, 3), (5, 1)]
+    conv = next(t for t in result.model.graph.initializer if t.name == "conv1.w")
+    assert tuple(conv.dims) == (4, 3, 3, 3)
+
+
+def test_channels_a_slice_never_takes_are_dead_and_go():
+    b = Net((None, 3, 8, 8))
+    part = slice_(b, b.relu(b.conv(b.x, 8)), [2], [6], [1])
+    model = b.build(b.conv(part, 4))
+    result = slim_exact(model)
+    conv = next(t for t in result.model.graph.initializer if t.name == "conv1.w")
+    assert conv.dims[0] == 6  # channels 0-1 and 6-7: one of each unread piece stays

@@ -18,7 +18,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from onnxslim_fr import api, calibrate, slim
+from onnxslim_fr import api, calibrate, slim, subgraph
 from onnxslim_fr.cli import main
 from onnxslim_fr.errors import BadDataError, SlimError, ValidationError
 from onnxslim_fr.feeds import validation_feeds
@@ -355,10 +355,10 @@ def test_read_points_and_stages_are_declared_with_their_real_type():
     work = normalize(cnn(T.FLOAT16))
     relu = next(n.output[0] for n in work.graph.node if n.op_type == "Relu")
     feeds = {"x": np.ones((2, 3, 8, 8), np.float16)}
-    augmented = calibrate.with_outputs(work, [relu])
+    augmented = subgraph.with_outputs(work, [relu])
     assert augmented.graph.output[-1].type.tensor_type.elem_type == T.FLOAT16
     assert run(augmented, feeds)[-1].dtype == np.float16
-    stage = calibrate.cut(Graph(work), [work.graph.output[0].name], {relu})
+    stage = subgraph.cut(Graph(work), [work.graph.output[0].name], {relu})
     assert {vi.type.tensor_type.elem_type for vi in [*stage.graph.input, *stage.graph.output]} \
         == {T.FLOAT16}
     session(stage).run(None, {relu: np.ones((2, 6, 8, 8), np.float16)})

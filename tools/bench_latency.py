@@ -5,16 +5,24 @@ CNN built with onnx.helper (He-initialized random weights, nothing planted, 32 G
 224x224 calibration images), calibrated slimming removes ``--ratio`` of the MACs twice:
 with ``round_to=1`` (any channel count) and with the default rounding. Each slimmed model
 is then timed against the original at batch 1 and 32 with the library's own
-``latency.compare`` (warm-up, then >= 30 alternating runs of each model and >= 1 s,
-median). Columns: MACs before / after and their ratio, median latency before / after
-(IQR), speed-up, and speed-up / MACs reduction (1.0: latency falls as fast as MACs; the
-target with rounding on is >= 0.8).
+``latency.compare`` (3 warm-up runs, then >= 30 alternating runs of each model and >= 1 s,
+median and IQR) on 2 intra-op threads. Columns: MACs before / after and their ratio,
+median latency before / after (IQR), speed-up, and speed-up / MACs reduction (1.0: latency
+falls as fast as MACs; the target with rounding on is >= 0.8); ``noise`` when the change is
+within the spread. Models under ~0.2 ms are bound by onnxruntime's per-run overhead, so
+their ratio says little.
+
+Slimmed models are cached (``--cache``, default ~/.cache/onnxslim-fr/bench_latency) under
+the model's hash and the options, so reruns only time; ``--fresh`` slims again (do so after
+changing the planner: the key does not follow the library's source).
 
 Run (from the repository root)::
 
     python tools/bench_latency.py                       # everything (~20 min on 2 cores)
     python tools/bench_latency.py --small               # ResNet-50 widths / 4
     python tools/bench_latency.py --models digits_cnn,resnet50 --cpu-time
+    python tools/bench_latency.py --models resnet50 --per-layer 32   # profiler, per kernel
+    python tools/bench_latency.py --target latency      # allocate by measured layer ms
     python tools/bench_latency.py --sweep --cpu-time    # the measurement behind round_to 8
 
 ``--cpu-time`` times CPU seconds of one thread instead of wall time: on a machine shared
@@ -24,6 +32,7 @@ with other jobs it measures what the kernels cost rather than whose turn it was.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -47,6 +56,7 @@ SHIPPED = ("digits_cnn", "digits_cnn_bn", "digits_mlp", "keras_cnn", "yolo_c2f",
            "semobile_hswish", "paddle_lcnet", "audio_conv1d", "ocr_crnn", "dbnet_fpn")
 BATCHES = (1, 32)
 RESNET_SAMPLES, RESNET_BATCH = 32, 8
+CACHE = Path.home() / ".cache" / "onnxslim-fr" / "bench_latency"
 
 
 @dataclass
@@ -138,22 +148,75 @@ def bench(label: str, model: onnx.ModelProto, calib: dict, args: argparse.Namesp
             cmp = latency.compare(model, slimmed, feeds, timing)
             rows.append(Row(label + ("*" if partly else ""), round_to, cmp.batch, macs, cmp))
             print("  " + render_row(rows[-1]), flush=True)
+        if args.per_layer:
+            per_layer(model, slimmed, feeds, args.per_layer, args.threads)
     return rows
+
+
+def per_layer(model: onnx.ModelProto, slimmed: onnx.ModelProto, feeds: dict, batch: int,
+              threads: int | None, top: int = 12) -> None:
+    """Where the time goes, from onnxruntime's profiler: the slowest kernels of the original
+    and of the slimmed model (median ms of 10 runs after warm-up, input -> output channels
+    as the kernel saw them: a blocked NCHWc convolution pads channels to its block), and
+    the time outside Conv/Gemm/MatMul, which does not shrink with the MACs."""
+    feeds = latency.at_batch(model, feeds, batch)[0]
+    for title, m in (("original", model), ("slimmed", slimmed)):
+        times = _profile(m, feeds, threads)
+        heavy = sum(ms for op, _, ms in times.values() if op in COSTED)
+        rest = sum(ms for op, _, ms in times.values() if op not in COSTED)
+        print(f"    {title} at batch {batch}: {heavy:.2f} ms in Conv/Gemm/MatMul kernels, "
+              f"{rest:.2f} ms elsewhere; slowest kernels:")
+        for name, (op, chans, ms) in sorted(times.items(), key=lambda kv: -kv[1][2])[:top]:
+            print(f"      {name[-40:]:<42}{op:<14}{chans:<14}{ms:>8.3f}")
+
+
+COSTED = ("Conv", "FusedConv", "NchwcConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+
+
+def _profile(model: onnx.ModelProto, feeds: dict, threads: int | None, runs: int = 10
+             ) -> dict[str, tuple[str, str, float]]:
+    """Median ms over `runs` (after 3 warm-ups) of every node onnxruntime ran:
+    name -> (kernel op, 'in->out' channels, ms)."""
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or 0
+    warmup = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "prof")
+        sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+        for _ in range(runs + warmup):
+            sess.run(None, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    seen: dict[str, tuple[str, str, list[float]]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            name = e["name"].removesuffix("_kernel_time")
+            args = e["args"]
+            shapes = [next(iter(d.values())) for d in
+                      [*args.get("input_type_shape", [])[:1], *args.get("output_type_shape", [])]]
+            chans = "->".join(str(s[1]) if len(s) > 1 else "-" for s in shapes)
+            seen.setdefault(name, (args.get("op_name", "?"), chans, []))[2].append(e["dur"] / 1e3)
+    return {k: (op, ch, float(np.median(d[warmup:] or d))) for k, (op, ch, d) in seen.items()}
 
 
 def _slimmed(label: str, model: onnx.ModelProto, calib: dict, round_to: int,
              args: argparse.Namespace) -> tuple[onnx.ModelProto, tuple[int, int]]:
     """The slimmed model and MACs before / after, from --cache when it holds them (the
     calibrated ResNet-50 takes minutes: time it once, measure it as often as needed)."""
-    key = f"{label.replace('/', '_')}-r{round_to}-{args.ratio}-{args.method}"
-    path = Path(args.cache) / f"{key}.onnx" if args.cache else None
-    if path is not None and path.exists():
+    path = _cache_path(label, model, round_to, args) if args.cache else None
+    if path is not None and path.exists() and not args.fresh:
         slimmed = onnx.load(path)
         macs = tuple(int(v) for v in path.with_suffix(".macs").read_text().split())
         return slimmed, macs  # type: ignore[return-value]
     start = time.perf_counter()
     result = slim(model, data=calib, ratio=args.ratio, round_to=round_to, method=args.method,
-                  batch_size=RESNET_BATCH, latency_runs=0)
+                  target=args.target, batch_size=RESNET_BATCH, latency_runs=0,
+                  latency_batch=args.latency_batch, threads=args.threads)
     rep = result.report
     print(f"  {label}: round_to {round_to}: slimmed in {time.perf_counter() - start:.1f} s, "
           f"kept {[g['kept'] for g in rep.groups if not g['frozen']][:12]}", flush=True)
@@ -164,12 +227,25 @@ def _slimmed(label: str, model: onnx.ModelProto, calib: dict, round_to: int,
     return result.model, (rep.before.flops, rep.after.flops)
 
 
+def _cache_path(label: str, model: onnx.ModelProto, round_to: int, args: argparse.Namespace
+                ) -> Path:
+    """Cache file keyed by the model's bytes and the options (after a change to the planner,
+    pass --fresh: the key does not follow the library's source, which others edit)."""
+    digest = hashlib.sha256(model.SerializeToString())
+    digest.update(f"{round_to} {args.ratio} {args.method} {args.target}".encode())
+    if args.target == "latency":
+        digest.update(f" {args.latency_batch} {args.threads}".encode())
+    name = f"{label.replace('/', '_')}-r{round_to}-{digest.hexdigest()[:16]}.onnx"
+    return Path(args.cache) / name
+
+
 def _uncounted(model: onnx.ModelProto, feeds: dict) -> int:
     """Conv/Gemm/MatMul/RNN nodes of the original whose MACs are not counted (weights in
     Constant nodes, shapes that do not infer): its MACs, and the --ratio budget taken from
     them, are then too low."""
     ops = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
-    return sum(n.op_type in ops for n in model.graph.node) - len(report.node_costs(model, feeds))
+    costs = report.node_costs(model, feeds)  # per-channel carriers count (0 MACs, params)
+    return sum(n.op_type in ops and i not in costs for i, n in enumerate(model.graph.node))
 
 
 HEADER = (f"{'model':<16}{'round':>6}{'batch':>6}{'MMACs before':>14}{'after':>10}"
@@ -183,7 +259,8 @@ def render_row(r: Row) -> str:
             f"{r.macs[1] / 1e6:>10.2f}{r.macs_reduction:>9.2f}x"
             f"{f'{b.median_ms:.3f} ({b.spread_ms:.3f})':>22}"
             f"{f'{a.median_ms:.3f} ({a.spread_ms:.3f})':>22}{r.speedup:>8.2f}x"
-            f"{r.speedup / r.macs_reduction:>15.2f}")
+            f"{r.speedup / r.macs_reduction:>15.2f}"
+            f"{'  noise' if latency.is_noise(b, a) else ''}")
 
 
 def _chain(op: str, width: int, depth: int, features: int) -> onnx.ModelProto:
@@ -246,11 +323,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--small", action="store_true", help="ResNet-50 widths / 4")
     p.add_argument("--ratio", type=float, default=0.5, help="share of MACs to remove")
     p.add_argument("--method", default="lfrns", help="lfrns (default), greedy or magnitude")
+    p.add_argument("--target", default="flops", help="flops (default) or latency")
+    p.add_argument("--latency-batch", type=int, default=1,
+                   help="--target latency: batch the layer tables are timed at (default 1)")
     p.add_argument("--runs", type=int, default=30, help="at least this many runs per model")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default all)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     p.add_argument("--cpu-time", action="store_true",
                    help="time CPU seconds of one thread instead of wall time")
-    p.add_argument("--cache", metavar="DIR", help="keep slimmed models here and reuse them")
+    p.add_argument("--cache", metavar="DIR", default=str(CACHE),
+                   help=f"keep slimmed models here and reuse them (default {CACHE}; '' off)")
+    p.add_argument("--per-layer", type=int, metavar="BATCH", default=0,
+                   help="also profile each layer at this batch (onnxruntime's profiler)")
+    p.add_argument("--fresh", action="store_true", help="slim again, replacing cached models")
     p.add_argument("--sweep", action="store_true", help="only the width sweep behind the "
                    "default round_to: 4 3x3 convs at 14x14 (48..64 channels), MatMul widths")
     args = p.parse_args(argv)

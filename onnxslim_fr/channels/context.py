@@ -10,6 +10,13 @@ layouts stored before a refinement read correctly after it.
     conv -> (A, 8) ; Split [3, 5] refines A into pieces A1 (3), A2 (5)
     conv output now reads (A1, 3), (A2, 5); a residual Add with (B, 8) refines B alike
     and unites A1 with B1, A2 with B2.
+
+A group can also be *coarsened*: a Reshape that splits its channel axis into heads
+(``[B, T, H*d] -> [B, T, H, d]``) makes each channel a head of d features, everywhere the
+group appears, so plans keep or remove whole heads:
+
+    q = MatMul(x, Wq) -> (Q, 64) ; Reshape [B, T, 4, 16] coarsens Q to 4 channels
+    q now reads (Q, 4, stride 16); the reshaped tensor's axis 2 reads (Q, 4)
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class AnalysisContext:
         self._frozen: dict[int, str] = {}  # leaf -> reason
         self._members: list[Member] = []
         self._ties: list[list[str]] = []
+        self._unit: dict[int, int] = {}  # coarsened leaf -> features per channel
 
     # groups -------------------------------------------------------------------------
     def new_group(self, size: int) -> int:
@@ -76,6 +84,8 @@ class AnalysisContext:
         bounds = [0, *cuts, self._size[leaf]]
         pieces = [self.new_group(b - a) for a, b in pairwise(bounds)]
         self._pieces[leaf] = pieces
+        if leaf in self._unit:
+            self._unit.update(dict.fromkeys(pieces, self._unit[leaf]))
         reason = self._frozen.pop(leaf, None)
         if reason is not None:
             for p in pieces:
@@ -108,6 +118,8 @@ class AnalysisContext:
     def _union_roots(self, ra: int, rb: int) -> None:
         if ra == rb:
             return
+        if self._unit.get(ra, 1) != self._unit.get(rb, 1):
+            raise Unsupported("joins attention heads with channels of another width")
         self._parent[rb] = ra
         if rb in self._frozen:
             self._frozen.setdefault(ra, self._frozen.pop(rb))
@@ -116,6 +128,41 @@ class AnalysisContext:
         for g in layout.groups() if layout else []:
             for leaf in self.leaves(g):
                 self._frozen.setdefault(leaf, reason)
+
+    def unit(self, g: int) -> int:
+        """Features per channel of group `g` (head_dim once coarsened into heads)."""
+        return self._unit.get(self.find(g), 1)
+
+    def coarsen(self, layout: Layout, unit: int) -> Layout:
+        """Count the groups of `layout` (a plain channel axis) in channels of `unit`
+        features from now on, in every stored layout; returns `layout` so counted. A group
+        already counted so stays; Unsupported when a run is not whole blocks of `unit`."""
+        lay = self.expand(layout)
+        if lay.outer != 1:
+            raise Unsupported("heads of channels-last flattened features")
+        todo: set[int] = set()
+        for seg, start in zip(lay.segments, lay.boundaries(), strict=False):
+            size = seg.length * seg.stride
+            if size % unit or start % unit:
+                raise Unsupported(f"channels split into blocks of {unit} that cut a group")
+            if seg.group is None or (seg.stride == unit and self.unit(seg.group) == unit):
+                continue
+            if seg.stride != 1 or self.unit(seg.group) != 1:
+                raise Unsupported("channels split into heads of another width")
+            todo.add(seg.group)
+        if todo:
+            self.layouts = {n: self._coarsened(self.expand(v), todo, unit)
+                            for n, v in self.layouts.items()}
+            for g in todo:
+                self._size[g] //= unit
+                self._unit[g] = unit
+        return self._coarsened(lay, todo, unit)
+
+    @staticmethod
+    def _coarsened(lay: Layout, groups: set[int], unit: int) -> Layout:
+        segs = tuple(Segment(s.group, s.length // unit, s.stride * unit)
+                     if s.group in groups else s for s in lay.segments)
+        return Layout(lay.axis, segs, lay.outer)
 
     # refinement of layouts ------------------------------------------------------------
     def expand(self, layout: Layout) -> Layout:
@@ -208,7 +255,8 @@ class AnalysisContext:
         groups: dict[int, ChannelGroup] = {}
         for g in range(len(self._parent)):
             if self._parent[g] == g and g not in self._pieces:
-                groups[g] = ChannelGroup(g, self._size[g], frozen=self._frozen.get(g))
+                groups[g] = ChannelGroup(g, self._size[g], frozen=self._frozen.get(g),
+                                         unit=self._unit.get(g, 1))
         roles: dict[str, list[Member]] = {}
         for member in self._members:
             roles.setdefault(member.node, []).append(member)

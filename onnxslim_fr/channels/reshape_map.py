@@ -44,6 +44,11 @@ def blocks(src: list[Dim], dst: list[Dim]) -> list[tuple[range, range]] | None:
             out.append((range(i, i + 1), range(j, j + 1)))
             i, j = i + 1, j + 1
             continue
+        merged = _product_run(src, i, dst, j)  # [B, C, H, W] -> [B, C, 'H*W*1']
+        if merged is not None:
+            out.append(merged)
+            i, j = merged[0].stop, merged[1].stop
+            continue
         start_i, start_j, a, b = i, j, 1, 1
         while True:
             if a == b and i > start_i and j > start_j:
@@ -65,6 +70,32 @@ def blocks(src: list[Dim], dst: list[Dim]) -> list[tuple[range, range]] | None:
     return out
 
 
+def _product_run(src: list[Dim], i: int, dst: list[Dim], j: int
+                 ) -> tuple[range, range] | None:
+    """A run of axes on one side whose product is the other side's one product symbol
+    (``'H*W*1'``, as shape_values.reshaped names a -1 over dynamic axes)."""
+    for many, k, one, m, flip in ((src, i, dst, j, False), (dst, j, src, i, True)):
+        if m >= len(one) or not isinstance(one[m], str) or "*" not in one[m]:
+            continue
+        factors = one[m].split("*")
+        symbols = sorted(f for f in factors if not f.lstrip("-").isdigit())
+        static = _prod(int(f) for f in factors if f.lstrip("-").isdigit())
+        for end in range(k + 1, len(many) + 1):
+            run = many[k:end]
+            if sorted(d for d in run if isinstance(d, str)) == symbols and \
+                    _prod(d for d in run if isinstance(d, int)) == static:
+                while end < len(many) and many[end] == 1 and \
+                        not (m + 1 < len(one) and one[m + 1] == 1):
+                    end += 1  # size-1 axes join the block before them
+                stop = m + 1
+                while stop < len(one) and one[stop] == 1 and \
+                        not (end < len(many) and many[end] == 1):
+                    stop += 1
+                pair = (range(k, end), range(m, stop))
+                return (pair[1], pair[0]) if flip else pair
+    return None
+
+
 def unify(src: list[Dim], dst: list[Dim]) -> list[Dim]:
     """`dst` with its one unmatched symbol renamed to `src`'s one unmatched symbol when the
     static parts have equal products: both hold the same number of elements, so the two
@@ -74,6 +105,10 @@ def unify(src: list[Dim], dst: list[Dim]) -> list[Dim]:
     static = [_prod(d for d in dims if isinstance(d, int)) for dims in (src, dst)]
     if len(only_src) == 1 and len(only_dst) == 1 and static[0] == static[1]:
         return [only_src[0] if d == only_dst[0] else d for d in dst]
+    if len(only_src) == 1 and len(only_dst) == 1 and "*" not in only_src[0] and \
+            static[0] % static[1] == 0:  # [T, B, H, d] -> [X, H*d]: X = B*T
+        return [f"{only_src[0]}*{static[0] // static[1]}" if d == only_dst[0] else d
+                for d in dst]
     return dst
 
 
@@ -97,6 +132,8 @@ def move_axis(src: list[Dim], dst: list[Dim], axis: int) -> AxisMove | None:
         if len(real_in) == 1:  # one axis split into several
             return AxisMove(tuple(real_out), 1, 1, tuple(int(dst[b]) for b in real_out))
         if len(real_out) <= 1:  # several axes merged into one
+            if any(isinstance(src[a], str) for a in ins):
+                return None  # with a dynamic axis: features per channel unknown
             outer = _prod(src[a] for a in ins if a < axis)
             inner = _prod(src[a] for a in ins if a > axis)
             target = real_out[0] if real_out else outs.start

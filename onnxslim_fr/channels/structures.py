@@ -38,6 +38,9 @@ class ChannelGroup:
     frozen: str | None = None
     #: read points whose consumers share one weight: a plan must be the same at each
     ties: list[list[str]] = field(default_factory=list)
+    #: features per channel: 1, or head_dim when a Reshape split the channels into
+    #: attention heads (a channel is then a whole head, removed or kept as one)
+    unit: int = 1
 
 
 @dataclass

@@ -1,17 +1,19 @@
-"""What keeping k channels of each group costs: an exact count of MACs and parameters.
+"""What keeping k channels of each group costs: MACs and parameters, or milliseconds.
 
 Every Conv/Gemm/MatMul costs ``base * kept_in/in * kept_out/out``: the fraction of input
 features it still reads times the fraction of output channels it still writes. That makes
 the cost of any allocation cheap to evaluate, so budgets are met by search, not estimate.
 The base costs are the handlers' (through `report.node_costs`, the figures the report
 prints), counted at the input sizes of `feeds`: with a dynamic height counted as 1 the
-convolutions would look free next to the MatMuls.
+convolutions would look free next to the MatMuls. With `target="latency"` a layer's cost
+is its measured milliseconds at those fractions instead (`latency_table.layer_costs`): the
+allocation then trades error per millisecond, not per MAC.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +23,9 @@ from ..channels.structures import GroupSet, Role
 from ..graph import Graph
 from ..report import node_costs
 
+# measured cost of one layer at (share of its input features, share of its outputs kept)
+Measured = Callable[[float, float], float]
+
 
 @dataclass
 class _Term:
@@ -28,14 +33,28 @@ class _Term:
     inputs: list[tuple[int, float]]  # (group, share of the input features it owns)
     fixed_in: float  # share of input features owned by no group
     outputs: list[tuple[int, float]]  # (group, share of the output channels it owns)
+    measured: Measured | None = None
+
+    def cost(self, frac_in: float, frac_out: float) -> float:
+        if self.measured is not None:
+            return self.measured(frac_in, frac_out)
+        return self.base * frac_in * frac_out
 
 
 class CostModel:
+    """Cost of an allocation: MACs or parameters (exact counts), or with `measured` (node
+    index -> milliseconds at a width, `latency_table.layer_costs`) milliseconds: the layers
+    measured alone, the others charged their MACs at the measured layers' rate."""
+
     def __init__(self, graph: Graph, groups: GroupSet, target: str = "flops",
-                 feeds: Mapping[str, np.ndarray] | None = None) -> None:
+                 feeds: Mapping[str, np.ndarray] | None = None,
+                 measured: Mapping[int, Measured] | None = None) -> None:
         self.sizes = {g.id: g.size for g in groups.groups.values()}
+        self.units = {g.id: g.unit for g in groups.groups.values()}  # head_dim for heads
         self.terms: list[_Term] = []
         costs = node_costs(graph.model, feeds)
+        measured = measured or {}
+        rate = _ms_per_mac(costs, measured)
         for index, node in enumerate(graph.nodes):
             if index not in costs:
                 continue
@@ -51,8 +70,10 @@ class CostModel:
             outputs = self._input_shares(groups, out.tensor)[0] if out else []
             if carrier is not None:  # depthwise: input and output are the same channels
                 outputs = []
-            self.terms.append(_Term(float(macs if target == "flops" else params), inputs,
-                                    fixed, outputs))
+            base = float(params if target == "params" else macs)
+            if target == "latency":
+                base *= rate
+            self.terms.append(_Term(base, inputs, fixed, outputs, measured.get(index)))
 
     @staticmethod
     def _input_shares(groups: GroupSet, tensor: str) -> tuple[list[tuple[int, float]], float]:
@@ -76,8 +97,17 @@ class CostModel:
                                        for g, share in t.inputs)
             frac_out = sum(share * kept.get(g, self.sizes[g]) / self.sizes[g]
                            for g, share in t.outputs) if t.outputs else 1.0
-            total += t.base * frac_in * frac_out
+            total += t.cost(frac_in, frac_out)
         return total
+
+
+def _ms_per_mac(costs: Mapping[int, tuple[int, int]], measured: Mapping[int, Measured]
+                ) -> float:
+    """Milliseconds per MAC of the layers measured at full width (1.0 with none: a cost
+    in MACs, which only scales the prices)."""
+    ms = sum(measured[i](1.0, 1.0) for i in measured if i in costs)
+    macs = sum(costs[i][0] for i in measured if i in costs)
+    return ms / macs if ms > 0 and macs > 0 else 1.0
 
 
 # Multiples of 8 channels: on an AVX2 CPU a stack of 3x3 convs runs about 1.5x more MACs
@@ -103,6 +133,12 @@ def allowed_counts(size: int, round_to: int = 1) -> np.ndarray:
     return np.unique(np.append(np.arange(step, size + 1, step), size))
 
 
+def _in_channels(cost: CostModel, group: int, round_to: int) -> int:
+    """`round_to` features as channels of `group`: a head of 16 features already is a
+    multiple of 8, so heads step one at a time."""
+    return max(1, -(-round_to // cost.units.get(group, 1)))
+
+
 def allocate(curves: Mapping[int, np.ndarray], cost: CostModel, budget: float,
              round_to: int = 1) -> dict[int, int]:
     """Kept channels per group minimising the summed error curves within `budget` cost.
@@ -113,7 +149,8 @@ def allocate(curves: Mapping[int, np.ndarray], cost: CostModel, budget: float,
     met by rounded counts, not rounded after the fact.
     """
     unit = {g: _unit_cost(cost, g) for g in curves}
-    counts = {g: allowed_counts(len(curve) - 1, round_to) for g, curve in curves.items()}
+    counts = {g: allowed_counts(len(curve) - 1, _in_channels(cost, g, round_to))
+              for g, curve in curves.items()}
 
     def choose(price: float) -> dict[int, int]:
         return {g: int(k[np.argmin(curves[g][k] + price * unit[g] * k)])
@@ -124,7 +161,8 @@ def allocate(curves: Mapping[int, np.ndarray], cost: CostModel, budget: float,
         hi *= 4
     # a higher price removes more: find the lowest price that fits
     kept = choose(_boundary(0.0, hi, lambda p: cost.total(choose(p)) <= budget, 60))
-    return _fill(kept, curves, cost, budget, unit, counts)
+    kept = _fill(kept, curves, cost, budget, unit, counts)
+    return _swap(kept, curves, cost, budget, counts) if round_to > 1 else kept
 
 
 def _fill(kept: dict[int, int], curves: Mapping[int, np.ndarray], cost: CostModel,
@@ -193,6 +231,46 @@ def _fill_coarse(kept: dict[int, int], rest: list[tuple[int, int]], cost: CostMo
     return out
 
 
+def _swap(kept: dict[int, int], curves: Mapping[int, np.ndarray], cost: CostModel,
+          budget: float, counts: Mapping[int, np.ndarray], rounds: int = 64
+          ) -> dict[int, int]:
+    """Pairs of moves, one group a step up and another a step down, that fit the budget
+    and lower the summed error (or, at equal error, use more of the budget). With steps of
+    8 channels the give-backs alone stop where no single step fits, often where trading a
+    step of one group for a step of another would still lower the error. Each round takes
+    the best pair that fits; pairs are tried best first and their cost is checked exactly
+    (two groups meeting at one layer do not add up), at most 4 per group and round."""
+    out = dict(kept)
+    for _ in range(rounds):
+        ups, downs = _steps(out, curves, cost, counts, 1), _steps(out, curves, cost, counts, -1)
+        pairs = sorted((err_up + err_down, -(cost_up + cost_down), g, h)
+                       for g, (_, err_up, cost_up) in ups.items()
+                       for h, (_, err_down, cost_down) in downs.items()
+                       if g != h and (err_up + err_down, -(cost_up + cost_down)) < (0.0, 0.0))
+        chosen = next((trial for *_, g, h in pairs[:4 * len(out)]
+                       if cost.total(trial := {**out, g: ups[g][0], h: downs[h][0]}) <= budget),
+                      None)
+        if chosen is None:
+            return out
+        out = chosen
+    return out
+
+
+def _steps(kept: Mapping[int, int], curves: Mapping[int, np.ndarray], cost: CostModel,
+           counts: Mapping[int, np.ndarray], direction: int
+           ) -> dict[int, tuple[int, float, float]]:
+    """Each group's next allowed count up (direction 1) or down (-1): (count, change of
+    its error, change of the total cost)."""
+    now, out = cost.total(kept), {}
+    for g, k in kept.items():
+        nearby = counts[g][counts[g] > k] if direction > 0 else counts[g][counts[g] < k]
+        if len(nearby):
+            step = int(nearby[0] if direction > 0 else nearby[-1])
+            out[g] = (step, float(curves[g][step] - curves[g][k]),
+                      cost.total({**kept, g: step}) - now)
+    return out
+
+
 def _gain(curve: np.ndarray, k: int, up: int, unit: float) -> float:
     """Heap key (smallest first) for giving a group's channels k+1..up back: minus the
     error they remove per unit of cost."""
@@ -209,7 +287,8 @@ def uniform(cost: CostModel, groups: list[int], budget: float,
             round_to: int = 1) -> dict[int, int]:
     """The classic allocation: every group keeps the same fraction of its channels (the
     allowed count nearest to it, see `allowed_counts`)."""
-    counts = {g: allowed_counts(cost.sizes[g], round_to) for g in groups}
+    counts = {g: allowed_counts(cost.sizes[g], _in_channels(cost, g, round_to))
+              for g in groups}
 
     def kept(frac: float) -> dict[int, int]:
         return {g: int(k[np.argmin(np.abs(k - max(1, round(frac * cost.sizes[g]))))])

@@ -14,6 +14,7 @@ import numpy as np
 from ..channels.structures import ChannelGroup, GroupSet
 from ..graph import Graph
 from .consumers import ConsumerView, consumers, occurrences
+from .heads import plan_heads
 from .plan import GroupPlan, Plan, removal_plan
 from .relations import CONST, Relation, compute
 
@@ -21,21 +22,37 @@ OFFSET_RTOL, OFFSET_ATOL = 1e-5, 1e-7
 
 
 def plan(graph: Graph, groups: GroupSet) -> Plan:
-    """Exact plans for every active group that has something to remove."""
-    relations = compute(graph, groups)
+    """Exact plans for every active group that has something to remove. Attention heads
+    are lumped as whole heads (lumping/heads.py); per-channel relations never follow
+    them (a head is not one value per position)."""
+    channels = _without_heads(groups)
+    relations = compute(graph, channels)
     plans: Plan = {}
     for group in groups.active():
-        p = _plan_group(graph, groups, group, relations)
+        if group.unit > 1:
+            p = plan_heads(graph, groups, group)
+        elif all(name in channels.layouts for name in group.read_points):
+            p = _plan_group(graph, groups, group, relations)
+        else:
+            p = None  # read where heads are too: no per-channel relations there
         if p is not None and p.removed:
             plans[group.id] = p
     return plans
 
 
+def _without_heads(groups: GroupSet) -> GroupSet:
+    """The analysis with every tensor that holds attention heads left out."""
+    layouts = {name: lay for name, lay in groups.layouts.items()
+               if all(groups.groups[g].unit == 1 for g in lay.groups())}
+    return GroupSet(groups.groups, layouts, groups.roles)
+
+
 def _plan_group(graph: Graph, groups: GroupSet, group: ChannelGroup,
                 relations: dict[str, Relation]) -> GroupPlan | None:
     points = group.read_points
-    if not points:
-        return None
+    if not points:  # nothing reads it (a Split piece no node takes): one channel stays
+        return removal_plan(group.size, np.array([0]), [], {}, "exact") \
+            if group.size > 1 else None
     views: dict[str, list[ConsumerView]] = {}
     sites: list[tuple[str, Relation]] = []  # one per occurrence of the group at a read point
     for name in points:

@@ -23,13 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.cluster import AgglomerativeClustering
 
+from .. import progress
 from ..calibrate import ChannelStats, PointStats
 from ..channels.handlers import handler_for
 from ..channels.structures import ChannelGroup, GroupSet, Role
 from ..graph import Graph
-from .budget import CostModel, allocate, uniform
+from .budget import CostModel, Measured, allocate, uniform
 from .consumers import consumers, occurrences
 from .plan import GroupPlan, Plan, removal_plan
+from .selection import forward_order
 
 METHODS = ("lfrns", "greedy", "magnitude")
 
@@ -76,69 +78,6 @@ def _pool_ties(points: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], g: 
         for t in tied:
             points[t] = (points[t][0], cov, mean)
     return points
-
-
-def forward_order(gm: GroupModel, candidates: list[np.ndarray]) -> tuple[list[int], np.ndarray]:
-    """Greedy forward selection over candidate tiers; returns the order and error(k).
-
-    The conditional covariance A = Σ - L Lᵀ of the channels not yet explained is kept as
-    its factor L, and only the diagonals of A and of A Q A (whose ratio is each channel's
-    gain) are updated: two matrix-vector products per step and point, no C x C writes.
-    Once the selected channels explain everything (rank-deficient statistics: fewer
-    samples than channels), the rest follow in index order at zero gain."""
-    n = gm.group.size
-    points = [_Selection(q, s) for q, s, _ in gm.points.values()]
-    err = sum(p.error for p in points)
-    curve = np.zeros(n + 1)
-    curve[0] = err
-    order: list[int] = []
-    for tier in candidates:
-        left = [int(c) for c in tier]
-        while left:
-            gains = sum(p.gains(left) for p in points)
-            if not np.any(gains > 0):
-                order.extend(left)
-                curve[len(order) - len(left) + 1:len(order) + 1] = err
-                break
-            j = left.pop(int(np.argmax(gains)))
-            err = max(err - float(sum(p.select(j) for p in points)), 0.0)
-            order.append(j)
-            curve[len(order)] = err
-    return order, curve
-
-
-class _Selection:
-    """One read point's state during forward selection (see forward_order)."""
-
-    def __init__(self, q: np.ndarray, sigma: np.ndarray) -> None:
-        self.q, self.sigma = q, sigma
-        self.factor = np.zeros((len(sigma), len(sigma)))  # first `taken` columns in use
-        self.taken = 0
-        self.diag_a = np.diag(sigma).copy()
-        self.diag_b = np.einsum("ij,ij->j", sigma, q @ sigma)
-        self.error = float(np.trace(q @ sigma))
-        self.tol = 1e-9 * max(float(self.diag_a.max(initial=0.0)), 1e-30)
-
-    def gains(self, left: list[int]) -> np.ndarray:
-        a, b = self.diag_a[left], self.diag_b[left]
-        live = a > self.tol  # a channel the selected ones already explain gains nothing
-        return np.where(live, np.maximum(b, 0.0) / np.where(live, a, 1.0), 0.0)
-
-    def select(self, j: int) -> float:
-        """Explain channel j by the selected set; returns the error it removes."""
-        d = self.diag_a[j]
-        if d <= self.tol:
-            return 0.0
-        gain = max(self.diag_b[j], 0.0) / d
-        f = self.factor[:, :self.taken]
-        u = self.sigma[:, j] - f @ f[j]
-        w = self.q @ u
-        v = self.sigma @ w - f @ (f.T @ w)
-        self.diag_b -= 2 * u * v / d - u * u * float(u @ w) / (d * d)
-        self.diag_a -= u * u / d
-        self.factor[:, self.taken] = u / np.sqrt(d)
-        self.taken += 1
-        return gain
 
 
 def lfrns_tiers(gm: GroupModel, threshold: float) -> list[np.ndarray]:
@@ -204,19 +143,22 @@ def _sensitivity(gm: GroupModel, order: list[int], curve: np.ndarray, probe: Pro
     return max(probe({gm.group.id: trial}), 1e-12) / max(float(curve[k]), 1e-12)
 
 
+@progress.phase("redundancy planning (orders, probes, allocation)")
 def plan(graph: Graph, groups: GroupSet, stats: ChannelStats, *, fraction: float,
          method: str = "lfrns", target: str = "flops", threshold: float = 0.05,
          compensate: bool = True, probe: Probe | None = None,
-         feeds: Mapping[str, np.ndarray] | None = None, round_to: int = 1) -> Plan:
+         feeds: Mapping[str, np.ndarray] | None = None, round_to: int = 1,
+         measured: Mapping[int, Measured] | None = None) -> Plan:
     """Plans that bring the model's cost to `fraction` of its current cost (0 < f <= 1).
 
     `probe(plans)` measures the real output error of a trial plan; when given, each group's
     predicted error curve is rescaled by one measurement at half its channels, so layers
     whose errors grow on the way to the output are spared (sensitivity calibration).
     Costs are counted at the input sizes of `feeds` (one sample of the calibration data).
-    Kept counts are multiples of `round_to` (budget.allowed_counts)."""
+    Kept counts are multiples of `round_to` (budget.allowed_counts); `target="latency"`
+    costs layers by `measured` milliseconds (budget.CostModel)."""
     models = {gm.group.id: gm for gm in group_models(graph, groups, stats)}
-    cost = CostModel(graph, groups, target, feeds)
+    cost = CostModel(graph, groups, target, feeds, measured)
     budget = fraction * cost.total()
     if method == "magnitude":
         kept = uniform(cost, list(models), budget, round_to)

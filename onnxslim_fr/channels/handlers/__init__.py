@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import onnx
 
-from . import affine, elementwise, embedding, linear, recurrent, shape, spatial, split
+from . import affine, attention, elementwise, embedding, linear, recurrent, shape, spatial, split
 from .base import OpHandler
 
 _BY_OP: dict[str, OpHandler] = {
     op: handler
     for family in (linear.HANDLERS, affine.HANDLERS, elementwise.HANDLERS, spatial.HANDLERS,
                    shape.HANDLERS, recurrent.HANDLERS, embedding.HANDLERS,
-                   split.HANDLERS)
+                   split.HANDLERS, attention.HANDLERS)
     for handler in family
     for op in handler.ops
 }

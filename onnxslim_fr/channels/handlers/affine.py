@@ -13,6 +13,7 @@ import onnx
 from ...graph import Graph
 from ..context import AnalysisContext
 from ..structures import Role, Unsupported
+from .attention import broadcast_join
 from .base import (
     Activation,
     Affine,
@@ -20,6 +21,7 @@ from .base import (
     Normalize,
     OpHandler,
     RewriteContext,
+    ShapeOf,
     Transfer,
     attr,
     per_channel,
@@ -52,12 +54,23 @@ class _ParamCarrier(OpHandler):
     def params(self, node: onnx.NodeProto, graph: Graph) -> list[str]:
         return [node.input[i] for i in self.slots]
 
+    def cost(self, node: onnx.NodeProto, graph: Graph, shape_of: ShapeOf
+             ) -> tuple[int, int] | None:
+        return parameter_cost(self.params(node, graph), graph)
+
     def rewrite(self, node: onnx.NodeProto, rw: RewriteContext) -> None:
         keep = rw.keep_index(node.output[0])
         for i in self.slots:
             value = rw.array(node.input[i])
             if value.size > 1:
                 rw.stage(node.input[i], value.reshape(-1)[keep].reshape(_kept_shape(value, keep)))
+
+
+def parameter_cost(names: list[str], graph: Graph) -> tuple[int, int] | None:
+    """(0 MACs, elements) of per-channel parameters: next to nothing in FLOPs, but
+    ``--target params`` counts every parameter the slimming removes."""
+    elements = sum(int(graph.const(n).size) for n in names if graph.const(n) is not None)
+    return (0, elements) if elements else None
 
 
 def _kept_shape(value: np.ndarray, keep: np.ndarray) -> tuple[int, ...]:
@@ -114,6 +127,8 @@ class ArithmeticHandler(OpHandler):
             return
         tracked = 0 if a is not None else 1
         const = ctx.graph.const(node.input[1 - tracked])
+        if const is None and broadcast_join(node, ctx, tracked):
+            return  # the attention mask, the same for every head
         if const is None:
             raise Unsupported(f"{node.op_type} with a tensor of unknown channels")
         if node.op_type == "Div" and tracked == 1:
@@ -146,6 +161,10 @@ class ArithmeticHandler(OpHandler):
         if side is None or graph.const(node.input[side]).size <= 1:
             return []
         return [node.input[side]]
+
+    def cost(self, node: onnx.NodeProto, graph: Graph, shape_of: ShapeOf
+             ) -> tuple[int, int] | None:
+        return parameter_cost(self.params(node, graph), graph)
 
     def transfer(self, node: onnx.NodeProto, graph: Graph) -> Transfer:
         side = self._const_side(node, graph)

@@ -16,6 +16,7 @@ from ...graph import Graph
 from ..context import AnalysisContext
 from ..layout import Layout, Segment
 from ..structures import Role, Unsupported
+from .attention import batched_matmul
 from .base import (
     Depthwise,
     OpHandler,
@@ -142,7 +143,7 @@ class ConvHandler(LinearHandler):
         out, w = shape_of(node.output[0]), shape_of(node.input[1])
         if not known(out) or not known(w):
             return None
-        return _prod(out) * _prod(w[1:]), self._constant_elements(node.input[1:2], graph)
+        return _prod(out) * _prod(w[1:]), self._constant_elements(node.input[1:3], graph)
 
     def out_channels(self, node: onnx.NodeProto, graph: Graph) -> int | None:
         w = self._constant_shape(node, graph)
@@ -202,7 +203,7 @@ class ConvTransposeHandler(ConvHandler):
         x, w = shape_of(node.input[0]), shape_of(node.input[1])
         if not known(x) or not known(w):
             return None
-        return _prod(x) * _prod(w[1:]), self._constant_elements(node.input[1:2], graph)
+        return _prod(x) * _prod(w[1:]), self._constant_elements(node.input[1:3], graph)
 
     def can_fold_offset(self, node: onnx.NodeProto) -> bool:
         """Every output position receives every kernel tap exactly once only with stride 1
@@ -252,7 +253,7 @@ class GemmHandler(LinearHandler):
         if not known(a) or len(a) != 2 or not known(out):
             return None
         k = a[0] if attr(node, "transA", 0) else a[1]
-        return _prod(out) * int(k), self._constant_elements(node.input[1:2], graph)
+        return _prod(out) * int(k), self._constant_elements(node.input[1:3], graph)
 
     def out_channels(self, node: onnx.NodeProto, graph: Graph) -> int | None:
         w = self._constant_shape(node, graph)
@@ -305,8 +306,9 @@ class MatMulHandler(LinearHandler):
 
     def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         w = self._weight_const(node, ctx.graph)
-        if w is None:
-            raise Unsupported("MatMul of two computed tensors (no constant weight)")
+        if w is None:  # attention: heads on a batch axis (handlers/attention.py)
+            batched_matmul(node, ctx)
+            return
         if w.ndim != 2:
             raise Unsupported("MatMul weight is not a constant matrix (batched weight)")
         first = self._first(node, ctx.graph)
@@ -321,6 +323,8 @@ class MatMulHandler(LinearHandler):
         self._produce(node, ctx, axis, w.shape[0] if first else w.shape[1])
 
     def params(self, node: onnx.NodeProto, graph: Graph) -> list[str]:
+        if self._weight_const(node, graph) is None:
+            return []
         return [node.input[0 if self._first(node, graph) else 1]]
 
     def cost(self, node: onnx.NodeProto, graph: Graph, shape_of: ShapeOf
@@ -347,6 +351,8 @@ class MatMulHandler(LinearHandler):
         return np.zeros(self.weight(node, graph).shape[0])
 
     def rewrite(self, node: onnx.NodeProto, rw: RewriteContext) -> None:
+        if self._weight_const(node, rw.graph) is None:
+            return  # attention MatMul: no parameters
         first = self._first(node, rw.graph)
         name = node.input[0 if first else 1]
         w = rw.array(name)

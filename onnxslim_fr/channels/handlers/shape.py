@@ -9,13 +9,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from ...errors import InternalError
 from ...graph import Graph
-from ...shape_values import target_shape
+from ...shape_values import channel_dependent, target_shape, value_of
 from ..context import AnalysisContext
-from ..layout import Layout, concat, opaque
-from ..reshape_map import move_axis
+from ..layout import Layout, Segment, concat, opaque
+from ..reshape_map import AxisMove, move_axis, unify
 from ..structures import Unsupported
 from .base import OpHandler, RewriteContext, attr
+from .packed import end_target, merged_heads, packed_split, packed_target, start_target
 from .split import rewrites_bounds
 
 
@@ -58,9 +60,16 @@ class ReshapeHandler(OpHandler):
         dst = target_shape(node, ctx.graph) or ctx.graph.symbolic_shape(node.output[0])
         if src is None or dst is None:
             raise Unsupported("Reshape with shapes shape inference cannot tell")
+        if merged_heads(node, ctx):
+            return
         move = move_axis(list(src), list(dst), lay.axis)
-        if move is None or move.split:
-            raise Unsupported("Reshape mixes the channel axis with other axes")
+        if move is None:
+            raise Unsupported(_why_mixed(list(dst)))
+        if move.split:
+            if len(move.split) != 2 or not packed_split(node, ctx, *move.split,
+                                                        move.out_axes[0]):
+                _split_heads(node, ctx, move)
+            return
         axis = move.out_axes[0]
         if axis == 0 and lay.axis != 0:
             raise Unsupported("Reshape merges the channels into the batch axis")
@@ -71,15 +80,52 @@ class ReshapeHandler(OpHandler):
         return []  # the shape constant is copied privately when it changes, never shared
 
     def rewrite(self, node: onnx.NodeProto, rw: RewriteContext) -> None:
+        if not _tracked(rw, node.output[0]) or not _tracked(rw, node.input[0]):
+            _rewrite_chain_end(node, rw)
+            return
         lay = rw.layout(node.output[0])
-        where = _target_entry(node, rw.graph, lay.axis)
+        # shapes from the analysis graph: a refit stage's slice of the model has none
+        where = _target_entry(node, rw.analysis, lay.axis)
         if where is None:
             return
         holder, index, offset = where
-        value = rw.graph.const(holder.input[index]).copy()
+        if holder is not node and not any(n.name == holder.name for n in rw.graph.nodes) \
+                and _private_target(node, rw.analysis, lay.axis) is not None:
+            offset = None  # a slice of the model (probe, refit stage) reads the target
+        if offset is None:  # the entry sits in a shared or computed target: a private one
+            size = rw.new_layout(node.output[0]).size
+            rw.add_input(node, 1, np.asarray(_private_target(node, rw.analysis, lay.axis, size),
+                                             dtype=np.int64))
+            rw.set_attr(node, "allowzero", None)
+            return
+        value = rw.analysis.const(holder.input[index]).copy()
         if int(value[offset]) not in (-1, 0):
             value[offset] = rw.new_layout(node.output[0]).size
             rw.add_input(holder, index, value)
+
+
+def _tracked(rw: RewriteContext, name: str) -> bool:
+    try:
+        rw.layout(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _rewrite_chain_end(node: onnx.NodeProto, rw: RewriteContext) -> None:
+    """First or last Reshape of a chain whose inner tensors have no layout (packed.py)."""
+    if _tracked(rw, node.output[0]):
+        lay = rw.new_layout(node.output[0])
+        target = end_target(node, rw.analysis, lay.axis, lay.channels)
+    else:
+        axis = rw.layout(node.input[0]).axis
+        grows = len(rw.analysis.shape(node.output[0]) or ()) > len(
+            rw.analysis.shape(node.input[0]) or ())
+        target = (packed_target if grows else start_target)(node, rw.analysis, axis)
+    if target is None:
+        raise InternalError(f"Reshape {node.name}: no private target")
+    rw.add_input(node, 1, np.asarray(target, dtype=np.int64))
+    rw.set_attr(node, "allowzero", None)
 
 
 #: Ops whose integer results follow the shapes they read (index / axis inputs constant).
@@ -88,10 +134,13 @@ _SHAPE_ARITHMETIC = ("Shape", "Gather", "Slice", "Unsqueeze", "Squeeze", "Concat
 
 
 def _target_entry(node: onnx.NodeProto, graph: Graph, axis: int
-                  ) -> tuple[onnx.NodeProto, int, int] | None:
+                  ) -> tuple[onnx.NodeProto, int, int | None] | None:
     """(node, input index, offset) of the constant that spells the channel axis's size in
-    the Reshape target, or None when the entry follows the shapes by itself; Unsupported
-    when it would not follow the new channel count."""
+    the Reshape target, or None when the entry follows the shapes by itself; offset None:
+    the entry is a literal in a target shared with other Reshapes (dynamo writes one
+    ``[B, T, 4, 16]`` for every layer) or computed, so the rewrite gives this Reshape a
+    private target (`_private_target`). Unsupported when it would not follow the new
+    channel count."""
     target = node.input[1]
     if graph.const(target) is not None:
         return node, 1, axis
@@ -105,11 +154,76 @@ def _target_entry(node: onnx.NodeProto, graph: Graph, axis: int
             if start <= axis < start + length:
                 if graph.const(part) is not None:
                     if graph.users(part) > 1 and int(graph.const(part)[axis - start]) > 0:
-                        raise Unsupported("Reshape target constant shared with another node")
+                        return _privately(node, graph, axis)
                     return maker, k, axis - start
+                if _private_target(node, graph, axis) is not None:
+                    return node, 1, None  # a shape read elsewhere may not follow
                 return _follows_shapes(part, graph)
             start += length
+    value = value_of(target, graph)
+    if value is not None and axis < len(value) and isinstance(value[axis], int) \
+            and value[axis] > 0 and _private_target(node, graph, axis) is not None:
+        return node, 1, None  # a literal here (or a static size) would not follow
     return _follows_shapes(target, graph)
+
+
+def _privately(node: onnx.NodeProto, graph: Graph, axis: int) -> tuple[onnx.NodeProto, int, None]:
+    if _private_target(node, graph, axis) is None:
+        raise Unsupported("Reshape target spells the channel count in a value shared with "
+                          "other nodes")
+    return node, 1, None
+
+
+def _private_target(node: onnx.NodeProto, graph: Graph, axis: int, size: int | None = None
+                    ) -> list[int] | None:
+    """A constant target that follows any channel count: 0 (copy the input dimension)
+    before the channel axis, -1 on it, the literal sizes after it (the rewrite drops
+    allowzero: no 0 in it means a zero size). One dimension before it that is not the
+    input's at the same index (``[T, B, H, d] -> [T*B, H*d]``) takes the -1 instead, and
+    the channel axis its new size `size` (the current one while analysing). None when
+    that does not work or a dimension after it is not a known number."""
+    src = graph.symbolic_shape(node.input[0])
+    dst = target_shape(node, graph) or graph.symbolic_shape(node.output[0])
+    if src is None or dst is None or len(src) < axis:
+        return None
+    dst = unify(list(src), list(dst))  # one unmatched symbol each: the same size
+    before = [0 if src[i] == dst[i] else -1 for i in range(axis)]
+    after = list(dst[axis + 1:])
+    if before.count(-1) > 1 or not all(isinstance(d, int) and d > 0 for d in after):
+        return None
+    channel = -1
+    if -1 in before:
+        channel = size if size is not None else dst[axis]
+        if not isinstance(channel, int) or channel <= 0:
+            return None
+    return before + [channel] + [int(d) for d in after]
+
+
+def _why_mixed(dst: list) -> str:
+    """The reason a Reshape's channel axis cannot be followed, as precise as the shapes
+    allow: heads merged with the batch (``[T, B*H, d]``, nn.MultiheadAttention) say so."""
+    if any(isinstance(d, str) and "*" in d for d in dst):
+        return ("Reshape merges attention heads with the batch axis ([T, B*H, d] layout); "
+                "heads are followed in the [B, T, H, d] layout only")
+    return "Reshape mixes the channel axis with other axes"
+
+
+def _split_heads(node: onnx.NodeProto, ctx: AnalysisContext, move: AxisMove) -> None:
+    """``[B, T, H*d] -> [B, T, H, d]``: the channels become heads of d features (the
+    groups are coarsened, channels/context.py); the head axis carries them, d stays
+    whole. The target's H entry is rewritten like any channel count."""
+    if len(move.out_axes) != 2 or move.out_axes[1] != move.out_axes[0] + 1:
+        raise Unsupported("Reshape splits the channel axis into more than two axes")
+    head_axis, unit = move.out_axes[0], int(move.split[1])
+    if head_axis == 0:
+        raise Unsupported("Reshape splits the channels into the batch axis")
+    if unit < 2:
+        raise Unsupported("Reshape splits the channel axis into heads of one feature")
+    _target_entry(node, ctx.graph, head_axis)
+    lay = ctx.coarsen(ctx.layout(node.input[0]), unit)
+    segs = tuple(Segment(s.group, s.length, s.stride // unit) if s.group is not None
+                 else Segment(None, s.length * s.stride // unit) for s in lay.segments)
+    ctx.set_layout(node.output[0], Layout(head_axis, segs))
 
 
 def _follows_shapes(name: str, graph: Graph) -> None:
@@ -148,7 +262,9 @@ class ShapeHandler(OpHandler):
     ops = ("Shape", "Size")
 
     def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
-        todo, seen = [node.output[0]], set()
+        # values that read only other dimensions (the batch size of an LSTM state) stay
+        dependent = channel_dependent(node, ctx.layout(node.input[0]).axis, ctx.graph)
+        todo, seen = [t for t in node.output[:1] if t in dependent], set()
         while todo:
             tensor = todo.pop()
             if tensor in seen:
@@ -170,7 +286,7 @@ class ShapeHandler(OpHandler):
                         user.op_type in ("Shape", "Size"):
                     raise Unsupported(f"{node.op_type} of the channels is used as a value by "
                                       f"{user.op_type} node {user.name}")
-                todo.extend(o for o in user.output if o)
+                todo.extend(o for o in user.output if o in dependent)
 
 
 class SqueezeHandler(OpHandler):

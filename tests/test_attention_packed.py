@@ -1,0 +1,22 @@
+"""Stock nn.MultiheadAttention exports: packed in-projection and heads merged with batch.
+
+TODO: tiny onnx.helper graphs of the two patterns (channels/handlers/packed.py); for now
+the shipped torchscript export stands in for them.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from onnxslim_fr import analyze
+
+MODEL = Path(__file__).resolve().parent.parent / "models" / "vit_mnist_p4.onnx"
+
+
+@pytest.mark.skipif(not MODEL.exists(), reason="shipped model missing")
+def test_heads_of_packed_in_projection_are_free():
+    """[T,B,3D] -> [T,B,3,D] -> Gather k, then [T,B*H,d]: every layer's heads are a group."""
+    groups, _ = analyze(str(MODEL))
+    heads = [g for g in groups.groups.values() if g.unit == 12]
+    assert len(heads) == 4
+    assert all(g.frozen is None and g.size == 4 for g in heads)

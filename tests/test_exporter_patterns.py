@@ -1,0 +1,238 @@
+"""Patterns real exporters write (paddle2onnx, torch's LSTM export), each as a tiny graph.
+
+    paddle2onnx classifier head:
+    x ─ Conv(C) ─ Relu ─ GAP ─┬──────────────────────────────────── Reshape ─ MatMul ─ Add ─ y
+                              └ Shape ─ Cast ─ Slice[0:1] ─ Cast ─┐    ↑
+                                               Constant [C] ─ Cast ┴ Concat
+
+The literal C in the Concat must follow the kept channel count in every model the pipeline
+runs, including the slices the sequential refit cuts out of it.
+
+    torch's CRNN (conv stack into an LSTM):
+    x ─ Conv(C, #3 = #1) ─ Relu ─ Squeeze(H) ─ Transpose ─ t [W, N, C] ─ LSTM ─ y
+                                                           └ Shape ─ Gather(1) ─ Unsqueeze ─┐
+                               ConstantOfShape (initial h, c) ─ Concat([1], N, [hidden]) ──┘
+
+The initial state reads only the batch size: it does not depend on C and freezes nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxslim_fr import analyze, model_io, slim
+from onnxslim_fr.graph import Graph, normalize
+from onnxslim_fr.testing import assert_same_function
+
+RNG = np.random.default_rng(0)
+
+
+def _init(name: str, value: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(value, name)
+
+
+def paddle_head(channels: int = 16, classes: int = 3) -> onnx.ModelProto:
+    """The module docstring's graph, with paddle2onnx's Constant nodes and int32 casts."""
+    w = (RNG.standard_normal((channels, 3, 3, 3)) / 5).astype(np.float32)
+    inits = [_init("w", w), _init("b", (0.1 * RNG.standard_normal(channels)).astype(np.float32)),
+             _init("fc", RNG.standard_normal((channels, classes)).astype(np.float32)),
+             _init("fc_b", np.zeros(classes, np.float32))]
+
+    def const(name: str, value: np.ndarray) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], value=_init(name, value))
+
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+             helper.make_node("Shape", ["p"], ["s64"]),
+             helper.make_node("Cast", ["s64"], ["s"], to=TensorProto.INT32),
+             const("axes", np.array([0], np.int64)), const("starts", np.array([0], np.int64)),
+             const("ends", np.array([1], np.int64)),
+             helper.make_node("Slice", ["s", "starts", "ends", "axes"], ["n"]),
+             const("fill", np.array([channels], np.int32)),
+             helper.make_node("Cast", ["n"], ["n64"], to=TensorProto.INT64),
+             helper.make_node("Cast", ["fill"], ["fill64"], to=TensorProto.INT64),
+             helper.make_node("Concat", ["n64", "fill64"], ["tgt"], axis=0),
+             helper.make_node("Reshape", ["p", "tgt"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc"], ["m"]),
+             helper.make_node("Add", ["m", "fc_b"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "paddle_head", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                             ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", classes])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)],
+                             ir_version=10)
+
+
+def test_calibrated_refit_rewrites_a_literal_channel_count_in_a_computed_reshape_target():
+    """The refit runs slices of the model without shape information; the Reshape target's
+    literal C must still become the kept count (it stayed C: onnxruntime refused the run)."""
+    model = paddle_head()
+    data = {"x": RNG.standard_normal((64, 3, 8, 8)).astype(np.float32)}
+    result = slim(model, data=data, ratio=0.5, round_to=1, latency_runs=0)
+    onnx.checker.check_model(result.model, full_check=True)
+    kept = result.report.groups[0]["kept"]
+    assert kept < 16 and result.report.groups[0]["frozen"] is None
+    fc = next(t for t in result.model.graph.initializer if t.name == "fc")
+    assert fc.dims[0] == kept
+    assert result.report.top1_agreement is not None
+
+
+def test_exact_mode_keeps_the_paddle_head_function():
+    model = paddle_head()
+    result = slim(model, latency_runs=0)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert_same_function(model, result.model, rtol=1e-5, atol=1e-5)
+
+
+def test_onnxruntime_failing_inside_the_calibrated_pass_is_an_internal_error(monkeypatch):
+    """A slimmed model onnxruntime refuses mid-refit is our bug: InternalError (exit 3) with
+    one line, never onnxruntime's raw exception escaping slim()."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    from onnxslim_fr import errors, refit
+
+    def refuses(model, threads=None):
+        raise Fail("[ONNXRuntimeError] : 1 : FAIL : Reshape node refused\nsecond line")
+
+    monkeypatch.setattr(refit, "session", refuses)
+    data = {"x": RNG.standard_normal((32, 3, 8, 8)).astype(np.float32)}
+    with pytest.raises(errors.InternalError, match=r"calibrated pass failed: .*Reshape") as info:
+        slim(paddle_head(), data=data, ratio=0.5, latency_runs=0)
+    assert "second line" not in str(info.value) and info.value.exit_code == 3
+
+
+def crnn(gather: int = 1, channels: int = 6, hidden: int = 5) -> onnx.ModelProto:
+    """The module docstring's CRNN; `gather` picks the dimension the initial state reads
+    (1: the batch, as torch writes it; 2: the channels, which must freeze)."""
+    w = RNG.standard_normal((channels, 3, 1, 3)).astype(np.float32)
+    w[3] = w[1]
+    lstm_w = RNG.standard_normal((1, 4 * hidden, channels)).astype(np.float32) / 3
+    inits = [_init("w", w), _init("b", np.zeros(channels, np.float32)),
+             _init("W", lstm_w),
+             _init("R", RNG.standard_normal((1, 4 * hidden, hidden)).astype(np.float32) / 3),
+             _init("sq", np.array([2], np.int64)), _init("idx", np.array(gather, np.int64)),
+             _init("ax0", np.array([0], np.int64)), _init("one", np.array([1], np.int64)),
+             _init("hid", np.array([hidden if gather == 1 else 1], np.int64))]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[0, 1, 0, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Squeeze", ["r", "sq"], ["s"]),
+             helper.make_node("Transpose", ["s"], ["t"], perm=[2, 0, 1]),
+             helper.make_node("Shape", ["t"], ["shape"]),
+             helper.make_node("Gather", ["shape", "idx"], ["n"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "ax0"], ["n1"]),
+             helper.make_node("Concat", ["one", "n1", "hid"], ["state_shape"], axis=0),
+             helper.make_node("ConstantOfShape", ["state_shape"], ["h0"],
+                              value=_init("zero", np.zeros(1, np.float32))),
+             helper.make_node("LSTM", ["t", "W", "R", "", "", "h0", "h0"], ["y"],
+                              hidden_size=hidden)]
+    graph = helper.make_graph(
+        nodes, "crnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 1, "N", hidden])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                             ir_version=10)
+
+
+def test_lstm_initial_state_from_the_batch_size_does_not_freeze_the_channels():
+    model = crnn()
+    result = slim(model, latency_runs=0)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert_same_function(model, result.model, rtol=1e-5, atol=1e-5)
+    conv = result.report.groups[0]
+    assert (conv["size"], conv["kept"], conv["frozen"]) == (6, 5, None)
+    w = next(t for t in result.model.graph.initializer if t.name == "W")
+    assert w.dims[-1] == 5  # the LSTM's input columns took the plan
+
+
+def test_a_value_read_off_the_channel_axis_still_freezes():
+    """Gather(2) of [W, N, C] is the channel count: ConstantOfShape would change shape."""
+    model = crnn(gather=2, hidden=5)
+    _, rows = analyze(model)
+    assert rows[0]["frozen"] is not None and "ConstantOfShape" in rows[0]["frozen"]
+
+
+def paddle_flatten_chain(blocks: int = 6, channels: int = 8) -> onnx.ModelProto:
+    """x [N, 3, H, W] ─ Conv(C, #5 = #2) ─ Reshape[0, 0, -1] ─ Transpose ─ t [N, HW, C], then
+    `blocks` times: MatMul ─ Relu ─ Reshape(Concat(Cast(Slice(Cast(Shape(.), int32))), [C]))
+    as paddle2onnx writes ``x.reshape([0, 0, C])``; onnx's data propagation does not follow
+    the int32 casts, so each Reshape's shape comes from the one before it."""
+    w = RNG.standard_normal((channels, 3, 3, 3)).astype(np.float32)
+    w[5] = w[2]
+    inits = [_init("w", w), _init("flat", np.array([0, 0, -1], np.int64)),
+             _init("c", np.array([channels], np.int64)),
+             _init("s0", np.array([0], np.int64)), _init("s2", np.array([2], np.int64))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1] * 4),
+             helper.make_node("Reshape", ["conv", "flat"], ["f"]),
+             helper.make_node("Transpose", ["f"], ["t0"], perm=[0, 2, 1])]
+    for k in range(blocks):
+        t, m = f"t{k}", f"m{k}"
+        inits.append(_init(f"W{k}", RNG.standard_normal((channels, channels)).astype(np.float32)
+                           / 3))
+        nodes += [helper.make_node("MatMul", [t, f"W{k}"], [m]),
+                  helper.make_node("Relu", [m], [f"r{k}"]),
+                  helper.make_node("Shape", [f"r{k}"], [f"sh{k}"]),
+                  helper.make_node("Cast", [f"sh{k}"], [f"sh32_{k}"], to=TensorProto.INT32),
+                  helper.make_node("Slice", [f"sh32_{k}", "s0", "s2"], [f"nl{k}"]),
+                  helper.make_node("Cast", [f"nl{k}"], [f"nl64_{k}"], to=TensorProto.INT64),
+                  helper.make_node("Concat", [f"nl64_{k}", "c"], [f"tgt{k}"], axis=0),
+                  helper.make_node("Reshape", [f"r{k}", f"tgt{k}"], [f"t{k + 1}"])]
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                       ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info(f"t{blocks}", TensorProto.FLOAT, ["N", "L", channels])],
+        inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)],
+                             ir_version=10)
+
+
+def test_a_long_chain_of_computed_reshape_targets_gets_every_shape():
+    """Shape inference learns one Reshape per round; a fixed number of rounds left the
+    later layers with unknown rank (frozen)."""
+    model = paddle_flatten_chain()
+    normalized = normalize(model_io.load(model))
+    last = Graph(normalized).symbolic_shape("t5")
+    assert last is not None and len(last) == 3 and last[2] == 8
+    _, rows = analyze(model)
+    assert all(r["frozen"] is None or "reaches graph output" in r["frozen"] for r in rows), rows
+
+
+def test_flatten_of_dynamic_spatial_axes_keeps_the_channel_axis():
+    """[N, C, H, W] -> Reshape[0, 0, -1] -> [N, C, 'H*W']: the channel axis is kept, so the
+    conv's duplicate filter goes and the first MatMul folds it."""
+    model = paddle_flatten_chain(blocks=1)
+    result = slim(model, latency_runs=0, input_shapes={"x": (2, 3, 5, 7)})
+    onnx.checker.check_model(result.model, full_check=True)
+    assert_same_function(model, result.model, rtol=1e-5, atol=1e-5)
+    conv = result.report.groups[0]
+    assert (conv["size"], conv["kept"], conv["frozen"]) == (8, 7, None)
+
+
+def test_params_target_counts_every_parameter_the_slimming_removes():
+    """Conv ─ BN ─ depthwise ─ bias Add ─ Relu ─ Gemm: the cost model under
+    ``--target params`` sees every float parameter (norms, biases, depthwise), and keeping
+    k of the C channels scales the per-channel ones by k / C."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from builders import Net
+
+    from onnxslim_fr.channels import build_groups
+    from onnxslim_fr.lumping.budget import CostModel
+    from onnxslim_fr.report import params
+
+    b = Net((None, 3, 4, 4))
+    h = b.bn(b.conv(b.x, 8, bias=False))
+    h = b.relu(b.bias(b.conv(h, 8, group=8, bias=False)))
+    model = normalize(b.build(b.gemm(b.flatten(h), 2)))
+    graph = Graph(model)
+    groups = build_groups(graph)
+    costs = CostModel(graph, groups, target="params")
+    assert costs.total() == params(model)
+    gid = next(g.id for g in groups.groups.values() if g.size == 8)
+    per_channel = 3 * 9 + 4 + 9 + 1 + 4 * 4 * 2  # conv row, BN, depthwise, bias, Gemm cols
+    # the Gemm's own bias scales with its inputs too in the cost model: off by 2 * 4/8
+    assert costs.total({gid: 4}) == pytest.approx(params(model) - 4 * per_channel, abs=1)
