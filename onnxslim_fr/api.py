@@ -97,7 +97,7 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
         cost_feeds = calib.head(1)[0]  # costs at the sizes the data has, batch 1
         held = calibrate.load_data(holdout, original, batch_size=batch_size,
                                    what="hold-out data") if holdout is not None else calib
-        check_labels(max_accuracy_drop, held.labels)
+        check_labels(max_accuracy_drop, held.labels, original)
         check_set, labels = held.batches, held.labels
         budget = calibrated.Budget(ratio, max_error, max_accuracy_drop, min_agreement)
         options = calibrated.Options(method, target, threshold, compensate, sequential_refit,
@@ -116,7 +116,8 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
         raise ValidationError(cmp.failure(tolerance))
     rep = report.Report(
         before=report.figures(original, cost_feeds, counted=normalized),
-        after=report.figures(work, cost_feeds),
+        # handed back unchanged: count it as normalized too (Constant-node weights)
+        after=report.figures(work, cost_feeds, counted=normalized if work is original else None),
         max_abs_error=cmp.max_abs_error, max_rel_error=cmp.max_rel_error,
         groups=_group_rows(first, Graph(work), methods), rounds=rounds,
         top1_agreement=cmp.top1_agreement, accuracy_before=cmp.accuracy_before,
@@ -160,7 +161,8 @@ def _group_rows(groups: GroupSet, final: Graph | None, methods: dict[str, str]) 
                                     // g.unit if final and producers else g.size)
         method = "frozen" if g.frozen else next((methods[p] for p in producers
                                                  if p in methods), "-")
-        rows.append({"id": g.id, "size": g.size, "kept": kept, "producers": producers,
+        rows.append({"id": g.id, "size": g.size, "kept": kept, "unit": g.unit,
+                     "producers": producers,
                      "frozen": g.frozen, "method": method if kept < g.size or g.frozen else "-"})
     return rows
 

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from . import progress
 from .channels.layout import Layout
 from .channels.structures import GroupSet
 from .errors import BadDataError
+from .lumping import head_merge
 from .lumping.consumers import occurrences
 from .runtime import input_specs, is_float, session
 from .subgraph import with_outputs
@@ -228,6 +230,8 @@ class PointStats:
 class ChannelStats:
     points: dict[tuple[str, int], PointStats] = field(default_factory=dict)
     samples: int = 0
+    #: attention heads, per feature (lumping/head_merge.py): a head is no channel's multiple
+    features: dict[tuple[str, int], head_merge.FeatureStats] = field(default_factory=dict)
 
 
 @progress.phase("channel statistics")
@@ -242,21 +246,34 @@ def collect(model: onnx.ModelProto, groups: GroupSet, data: Dataset) -> ChannelS
     sess = session(with_outputs(model, tensors))
     bar = tqdm(data.batches, desc="calibrating", unit="batch", disable=not progress.shown(),
                leave=False)
-    for batch in bar:
-        values = dict(zip(tensors, sess.run(tensors, batch), strict=True))
-        batches = len(data.batches)
-        for tensor, gid in wanted:
-            for k, _ in occurrences(groups, tensor, gid):  # a repeated group pools them
-                lay = groups.layouts[tensor]
-                point = stats.points.get((tensor, gid))
-                if point is None:
-                    c = lay.feature_index(k).shape[0]
-                    point = stats.points[(tensor, gid)] = PointStats(0, np.zeros(c),
-                                                                     np.zeros((c, c)))
-                accumulate(point, values[tensor], lay, k,
-                           row_stride(values[tensor], lay, k, batches))
-        stats.samples += len(next(iter(batch.values())))
+    # One BLAS thread: the Gram products are a few percent of the forward pass's FLOPs,
+    # so threads gain little, and on a busy machine their spin-waits cost 20x (ResNet-50
+    # read points, 2 cores shared with other work: 2.6 s a batch on two threads, 0.13 s on one).
+    with threadpool_limits(limits=1, user_api="blas"):
+        for batch in bar:
+            _add_batch(stats, groups, wanted, dict(zip(tensors, sess.run(tensors, batch),
+                                                       strict=True)), len(data.batches))
+            stats.samples += len(next(iter(batch.values())))
     return stats
+
+
+def _add_batch(stats: ChannelStats, groups: GroupSet, wanted: list[tuple[str, int]],
+               values: dict[str, np.ndarray], batches: int) -> None:
+    """Fold one batch's read-point values into `stats` (`batches` in the whole set)."""
+    for tensor, gid in wanted:
+        for k, _ in occurrences(groups, tensor, gid):  # a repeated group pools them
+            lay = groups.layouts[tensor]
+            point = stats.points.get((tensor, gid))
+            if point is None:
+                c = lay.feature_index(k).shape[0]
+                point = stats.points[(tensor, gid)] = PointStats(0, np.zeros(c),
+                                                                 np.zeros((c, c)))
+            accumulate(point, values[tensor], lay, k,
+                       row_stride(values[tensor], lay, k, batches))
+            if head_merge.is_heads(groups.groups[gid]):
+                head_merge.add_features(stats.features, (tensor, gid), values[tensor], lay, k,
+                                        head_merge.feature_stride(values[tensor], lay, k,
+                                                                  batches, ROWS_PER_CHANNEL))
 
 
 ROWS_PER_CHANNEL = 512  # observations per channel a read point's statistics need at most

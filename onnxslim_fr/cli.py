@@ -170,6 +170,10 @@ def _run(args: argparse.Namespace, written: list[str]) -> int:
         return 0
     if args.output is None:
         raise UsageError("an output path is required (or use --inspect)")
+    names = [name for name, _ in args.input_shape]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise UsageError(f"--input-shape {twice} given twice: give each input once")
     ratios = args.ratio or [None]
     several = len(ratios) > 1
     for ratio in ratios:  # every ratio checked before the first model is written

@@ -197,7 +197,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     declare_weight_inputs(model)
     _infer_into(model)
     # each round can only resolve Reshapes whose input shapes the previous one told
-    for _ in range(1 + sum(n.op_type == "Reshape" for n in model.graph.node)):
+    for _ in range(1 + sum(n.op_type in ("Reshape", "Slice") for n in model.graph.node)):
         resolved = resolved_reshapes(Graph(model))
         if not resolved:
             break

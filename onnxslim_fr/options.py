@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -36,7 +37,7 @@ def check_arguments(*, model: object, output: str | os.PathLike[str] | None,
     """Every check that needs no model: values, combinations, paths."""
     check_budget(data, holdout, ratio, max_error, max_accuracy_drop, min_agreement)
     if tolerance is not None:  # None: chosen by the model's float type
-        _require("--tolerance", tolerance, lambda v: v > 0, "> 0")
+        _require("--tolerance", tolerance, lambda v: 0 < v < float("inf"), "> 0 and finite")
     _require("--threshold", threshold, lambda v: 0 < v <= 1, "in (0, 1]")
     _require_int("--batch-size", batch_size)
     if max_samples is not None:
@@ -51,10 +52,14 @@ def check_arguments(*, model: object, output: str | os.PathLike[str] | None,
     for flag, value, choices in (("--target", target, TARGETS), ("--method", method, METHODS)):
         if value not in choices:
             raise UsageError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
-    for name, dims in (input_shapes or {}).items():
+    if input_shapes is not None and not isinstance(input_shapes, Mapping):
+        raise UsageError("input_shapes must be a mapping of input name -> dims, got "
+                         f"{type(input_shapes).__name__}")
+    for name, raw in (input_shapes or {}).items():
+        dims = tuple(raw) if isinstance(raw, Sequence | np.ndarray) else ()
         if not dims or not all(isinstance(d, numbers.Integral) and d > 0 for d in dims):
             raise UsageError(f"--input-shape {name}: dims must be positive integers, "
-                             f"got {_dims(dims)}")
+                             f"got {raw!r}")
     check_paths(model, output)
 
 
@@ -92,10 +97,28 @@ def check_provider(provider: object) -> str:
     return name
 
 
-def check_labels(max_accuracy_drop: float | None, labels: object) -> None:
+def check_labels(max_accuracy_drop: float | None, labels: object,
+                 model: onnx.ModelProto | None = None) -> None:
+    """Labels must exist for an accuracy bound and be class ids of the first output: an id
+    no class can have makes both accuracies 0, the drop 0, and any slimming "within"."""
     if max_accuracy_drop is not None and labels is None:
         raise BadDataError("--max-accuracy-drop needs labels: add a 'labels' array to the "
                            "hold-out data (--holdout, or --data without it)")
+    classes = _classes(model) if model is not None else None
+    if labels is None or classes is None or not np.size(labels):
+        return
+    low, high = int(np.min(labels)), int(np.max(labels))
+    if low < 0 or high >= classes:
+        raise BadDataError(f"labels must be class ids in [0, {classes}) of output "
+                           f"{model.graph.output[0].name}, got values in [{low}, {high}]")
+
+
+def _classes(model: onnx.ModelProto) -> int | None:
+    """Classes of the first output when it is declared [batch, classes] (a classifier)."""
+    if not model.graph.output:
+        return None
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    return dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") else None
 
 
 def check_paths(model: object, output: str | os.PathLike[str] | None,
@@ -103,6 +126,10 @@ def check_paths(model: object, output: str | os.PathLike[str] | None,
     """Refuse, before the run, an output or report that would overwrite the input or each
     other, or that cannot be written."""
     source = Path(model) if isinstance(model, str | os.PathLike) else None
+    for what, path in (("output", output), ("--report", report)):
+        if path is not None and not isinstance(path, str | os.PathLike):
+            raise UsageError(f"{what} must be a str or os.PathLike path, not "
+                             f"{type(path).__name__}")
     out = Path(output) if output is not None else None
     if out is not None:
         _check_writable(out, "output")

@@ -20,9 +20,10 @@ import onnx
 
 from . import progress, rewrite
 from .channels.structures import ChannelGroup, GroupSet
+from .errors import InternalError
 from .graph import Graph
 from .lumping.plan import Plan
-from .runtime import run, session
+from .runtime import first_line, run, session, try_run
 from .subgraph import cut, with_outputs
 
 log = logging.getLogger(__name__)
@@ -95,12 +96,32 @@ class OutputErrorProbe:
             sliced, outputs = cut(self.graph, reg.outputs, set(reg.reads)), reg.outputs
             slim = rewrite.apply(sliced, Graph(sliced), self.groups, plans, finalize=False,
                                  analysis=self.graph)
-        sess = session(slim)
+        sess = trial_session(slim, plans)
         inputs = [i.name for i in sess.get_inputs()]
         err = 0.0
         for values in self.values:
             got = dict(zip([o.name for o in sess.get_outputs()],
-                           run(sess, {n: values[n] for n in inputs}), strict=True))
+                           trial_run(sess, {n: values[n] for n in inputs}, plans), strict=True))
             err += sum(float(np.sum(np.square(values[n].astype(np.float64) - got[n])))
                        for n in outputs)
         return err / self.energy
+
+
+def trial_session(model: onnx.ModelProto, plans: Plan):
+    """A session of a probe's trial model. The original ran on these inputs already, so
+    onnxruntime refusing the trial is our rewrite's fault: an InternalError (exit 3), never
+    the user's data (exit 2)."""
+    try:
+        return session(model)
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        raise InternalError(f"sensitivity probe: onnxruntime cannot load the trial model of "
+                            f"group(s) {sorted(plans)}: {first_line(exc)}") from None
+
+
+def trial_run(sess, feeds: Mapping[str, np.ndarray], plans: Plan) -> list[np.ndarray]:
+    """`sess` on `feeds`; a failure is an InternalError (see `trial_session`)."""
+    outs, failed = try_run(sess, feeds)
+    if failed is not None:
+        raise InternalError(f"sensitivity probe: onnxruntime fails to run the trial model of "
+                            f"group(s) {sorted(plans)}: {failed}")
+    return outs

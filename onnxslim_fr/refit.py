@@ -12,10 +12,12 @@ data and solves, by ridge least squares on centred paired statistics,
 layer thus reconstructs the *original* input of its consumers from what actually reaches
 it, compensating the errors of all layers before it: He et al.'s and ThiNet's sequential
 reconstruction, post-training. Groups with nothing removed are refit too, so they absorb
-the drift from upstream. Statistics are O(C²) per read point, from at most
-calibrate.ROWS_PER_CHANNEL observations per channel (positions subsampled as calibration
-does); the values kept between stages are bounded by MAX_SAMPLES and CACHE_BYTES, never
-by the calibration set's size.
+the drift from upstream. Attention heads are refit feature by feature (plan.features): the
+output projection is re-solved against the original block's input over every kept
+feature, Kwon et al.'s layer-wise reconstruction (lumping/head_merge.py). Statistics
+are O(C²) per read point, from at most calibrate.ROWS_PER_CHANNEL observations per channel
+(positions subsampled as calibration does); the values kept between stages are bounded
+by MAX_SAMPLES and CACHE_BYTES, never by the calibration set's size.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ import onnx
 from tqdm import tqdm
 
 from . import progress, rewrite
-from .calibrate import Dataset, channel_rows, row_stride
+from .calibrate import ROWS_PER_CHANNEL, Dataset, channel_rows, row_stride
+from .channels.layout import Layout
 from .channels.structures import GroupSet
 from .graph import Graph
+from .lumping import head_merge
 from .lumping.consumers import occurrences
 from .lumping.plan import GroupPlan, Plan
 from .runtime import session
@@ -117,21 +121,54 @@ def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
     for tensor, stage_gids in bar:
         lay = groups.layouts[tensor]
         shrunk = lay.resized({g: len(p.keep) for g, p in plans.items()})
-        paired = {g: PairedStats.empty(plans[g].size, len(plans[g].keep)) for g in stage_gids}
+        q = {g: _features_per_channel(groups, tensor, g) for g in stage_gids}
+        paired = {g: PairedStats.empty(plans[g].size * q[g], len(plans[g].keep) * q[g])
+                  for g in stage_gids}
         for ref, now in zip(*values.advance(tensor, slimmed), strict=True):
             for g in stage_gids:
                 for k, _ in occurrences(groups, tensor, g):  # a repeated group pools them
-                    step = row_stride(ref, lay, k, values.count)  # as calibration does
-                    paired[g].add(channel_rows(ref, lay, k)[::step],
-                                  channel_rows(now, shrunk, k)[::step])
+                    _observe(paired[g], ref, now, lay, shrunk, k, values.count, q[g] > 1)
         for g in stage_gids:
             tied = _tied(groups.groups[g].ties, tensor)
             if len(tied) > 1:  # one weight reads them all: solve on all their samples so far
                 paired[g] = pooled[(g, tied[0])] = pooled[(g, tied[0])].merged(paired[g]) \
                     if (g, tied[0]) in pooled else paired[g]
-            mix = paired[g].solve(plans[g].mix[tensor][0])
-            plans[g] = replace(plans[g], mix={**plans[g].mix, **{t: mix for t in tied}})
+            plans[g] = _resolved(plans[g], paired[g], tensor, tied, q[g])
     return rewrite.apply(work, graph, groups, plans), plans
+
+
+def _features_per_channel(groups: GroupSet, tensor: str, gid: int) -> int:
+    """q for a head group (refit feature by feature, lumping/head_merge.py), else 1."""
+    if not head_merge.is_heads(groups.groups[gid]):
+        return 1
+    k = occurrences(groups, tensor, gid)[0][0]
+    return int(groups.layouts[tensor].feature_index(k).shape[1])
+
+
+def _observe(paired: PairedStats, ref: np.ndarray, now: np.ndarray, lay: Layout,
+             shrunk: Layout, k: int, batches: int, per_feature: bool) -> None:
+    """One batch of (original, slimmed) values of segment k: channels, or the features
+    of each head (a head is rebuilt feature by feature, never as another head's multiple)."""
+    if per_feature:
+        step = head_merge.feature_stride(ref, lay, k, batches, ROWS_PER_CHANNEL)
+        paired.add(head_merge.feature_rows(ref, lay, k)[::step],
+                   head_merge.feature_rows(now, shrunk, k)[::step])
+        return
+    step = row_stride(ref, lay, k, batches)  # as calibration does
+    paired.add(channel_rows(ref, lay, k)[::step], channel_rows(now, shrunk, k)[::step])
+
+
+def _resolved(plan: GroupPlan, paired: PairedStats, tensor: str, tied: list[str], q: int
+              ) -> GroupPlan:
+    """`plan` with the least-squares map at `tensor` (and the read points tied to it),
+    ridge-regularized toward the map it had: per feature for heads (q > 1)."""
+    if q == 1:
+        mix = paired.solve(plan.mix[tensor][0])
+        return replace(plan, mix={**plan.mix, **{t: mix for t in tied}})
+    prior = plan.features[tensor][0] if tensor in plan.features else \
+        head_merge.expand(*plan.mix[tensor], q)[0]
+    mix = paired.solve(prior)
+    return replace(plan, features={**plan.features, **{t: mix for t in tied}})
 
 
 def _stages(graph: Graph, groups: GroupSet, gids: list[int]) -> list[tuple[str, int]]:

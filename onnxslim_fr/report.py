@@ -112,9 +112,13 @@ def render_latency(lat: Comparison | None, provider: str | None) -> list[str]:
 
 
 def render_groups(groups: list[dict]) -> str:
+    """One row per group; a head group counts whole heads in `size` and `kept` and says how
+    many features (channels of each projection) one head is."""
     lines = [f"{'group':>5} {'size':>6} {'kept':>6}  {'method':<10} producers / frozen reason"]
     for g in groups:
         why = f"frozen: {g['frozen']}" if g["frozen"] else ", ".join(g["producers"])
+        if g.get("unit", 1) > 1:
+            why = f"heads of {g['unit']} channels; {why}"
         lines.append(f"{g['id']:>5} {g['size']:>6} {g['kept']:>6}  {g['method']:<10} {why}")
     return "\n".join(lines)
 

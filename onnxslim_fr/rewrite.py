@@ -104,7 +104,12 @@ class RewriteContext:
             old_idx, new_idx = old.feature_index(k), new.feature_index(k)
             block = w64[:, old_idx]  # (out, C, q, *rest)
             plan = self.plans.get(seg.group) if seg.group is not None else None
-            if plan is not None:
+            if plan is not None and tensor in plan.features:  # feature by feature (heads)
+                mix, offset = plan.features[tensor]
+                block = block.reshape(block.shape[0], -1, *rest)  # (out, C*q, *rest)
+                delta += np.tensordot(block, offset, axes=([1], [0])).reshape(len(delta), -1).sum(1)
+                block = np.moveaxis(np.tensordot(block, mix, axes=([1], [0])), -1, 1)
+            elif plan is not None:
                 mix, offset = plan.mix[tensor]
                 delta += np.tensordot(block, offset, axes=([1], [0])).reshape(len(delta), -1).sum(1)
                 block = np.moveaxis(np.tensordot(block, mix, axes=([1], [0])), -1, 1)

@@ -170,14 +170,40 @@ def resolved_reshapes(graph: Graph) -> list[onnx.ValueInfoProto]:
     target tells them."""
     infos = []
     for node in graph.nodes:
-        if node.op_type != "Reshape":
+        if node.op_type not in ("Reshape", "Slice"):
             continue
         known = graph.symbolic_shape(node.output[0])
-        dims = target_shape(node, graph)
+        dims = target_shape(node, graph) if node.op_type == "Reshape" else \
+            sliced_shape(node, graph)
         elem = graph.elem_type(node.input[0])
         if dims is not None and elem and _more_known(dims, known):
             infos.append(onnx.helper.make_tensor_value_info(node.output[0], elem, dims))
     return infos
+
+
+def sliced_shape(node: onnx.NodeProto, graph: Graph) -> list[Dim] | None:
+    """Output shape of a Slice whose bounds are computed (torch's ``chunk``: ends =
+    ``(C + 1) / 2 * k`` from ``Shape``): shape inference gives up on every axis, yet only
+    the sliced axes change and their bounds evaluate to numbers. None when they do not."""
+    src = graph.symbolic_shape(node.input[0])
+    if src is None or len(node.input) < 3:
+        return None
+    bounds = [value_of(name, graph) if name else None for name in node.input[1:5]]
+    starts, ends = bounds[0], bounds[1]
+    axes = bounds[2] if len(bounds) > 2 and bounds[2] is not None else list(range(len(starts
+                                                                                     or ())))
+    steps = bounds[3] if len(bounds) > 3 and bounds[3] is not None else [1] * len(axes)
+    values = [starts, ends, axes, steps]
+    if any(v is None or len(v) != len(axes) or not all(isinstance(x, int) for x in v)
+           for v in values):
+        return None
+    out = list(src)
+    for start, end, axis, step in zip(*values, strict=True):
+        dim = src[axis % len(src)]
+        if not isinstance(dim, int) or step == 0:
+            return None
+        out[axis % len(src)] = len(range(dim)[slice(start, end, step)])
+    return out
 
 
 def _more_known(dims: list[Dim], known: tuple[Dim, ...] | None) -> bool:

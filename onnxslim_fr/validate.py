@@ -235,6 +235,7 @@ def _nested_equal(a, b) -> bool:
 @progress.phase("sensitivity probe set-up")
 def output_error_probe(model: onnx.ModelProto, graph, groups, batches: Sequence[Mapping]):
     """A function plans -> relative squared output error of `model` slimmed by them."""
+    from .probe import trial_run, trial_session  # probe.py imports the rewrite
     from .rewrite import apply
 
     reference = [run(model, feeds) for feeds in batches]
@@ -242,10 +243,10 @@ def output_error_probe(model: onnx.ModelProto, graph, groups, batches: Sequence[
                  for o in outs) or 1.0
 
     def probe(plans) -> float:
-        sess = session(apply(model, graph, groups, plans, finalize=False))
+        sess = trial_session(apply(model, graph, groups, plans, finalize=False), plans)
         err = 0.0
         for feeds, ref in zip(batches, reference, strict=True):
-            for a, b in zip(ref, run(sess, feeds), strict=True):
+            for a, b in zip(ref, trial_run(sess, feeds, plans), strict=True):
                 err += float(np.sum(np.square(a.astype(np.float64) - b)))
         return err / energy
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+from fuzz_encoders import TOKENS, Spec, build, width
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxslim_fr import slim
+from onnxslim_fr import calibrate, refit, rewrite, slim
 from onnxslim_fr.channels import build_groups
 from onnxslim_fr.graph import Graph, normalize
+from onnxslim_fr.lumping import head_merge
 from onnxslim_fr.lumping.budget import CostModel
 from onnxslim_fr.testing import assert_same_function
 
@@ -255,3 +258,120 @@ def test_heads_merged_with_the_batch_freeze_with_a_precise_reason():
     groups = build_groups(Graph(normalize(model)))
     reasons = [g.frozen or "" for g in groups.groups.values()]
     assert any("merges attention heads with the batch axis" in r for r in reasons)
+
+
+def calibration(samples: int = 128, seed: int = 5) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((samples, T, D_MODEL)).astype(np.float32),
+            "mask": np.zeros((samples, 1, 1, T), np.float32)}
+
+
+def surviving_q_heads(model: onnx.ModelProto, original: dict[str, np.ndarray]) -> list[int]:
+    """Original heads whose Q columns the slimmed model still computes (Q is never
+    re-fitted, only sliced)."""
+    wq = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "wq"))
+    cols = wq.T.reshape(-1, D_HEAD, D_MODEL)
+    blocks = original["wq"].T.reshape(H, D_HEAD, D_MODEL)
+    return [h for h in range(H) if any(np.allclose(c, blocks[h]) for c in cols)]
+
+
+def relative_error(model: onnx.ModelProto, slimmed: onnx.ModelProto) -> float:
+    outs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            .run(None, feeds(8, seed=9))[0] for m in (model, slimmed)]
+    return float(np.abs(outs[0] - outs[1]).max() / np.abs(outs[0]).max())
+
+
+def test_calibrated_removes_a_head_that_is_a_feature_map_of_another():
+    """Head 2 attends like head 0 (same Q, K) and its values are head 0's mixed by a
+    d x d matrix: each of its features is a linear function of head 0's features, though
+    no head is a multiple of another. Removing it and re-solving the output projection
+    feature by feature (lumping/head_merge.py) keeps the function. A merge with one
+    coefficient per head sees no redundancy there and removed a live head instead."""
+    w = random_weights(3)
+    plant_duplicate(w, src=0, dst=2)
+    mixing = np.random.default_rng(7).standard_normal((D_HEAD, D_HEAD)).astype(np.float32)
+    w["wv"][:, head(2)] = w["wv"][:, head(0)] @ mixing
+    w["bv"][head(2)] = w["bv"][head(0)] @ mixing
+    model = encoder(w)
+    assert len(surviving_q_heads(slim_checked(model).model, w)) == H  # not exact lumping's
+    result = slim_checked(model, data=calibration(), ratio=0.22, round_to=1)  # 1 head of 4
+    kept = surviving_q_heads(result.model, w)
+    assert {1, 3} <= set(kept)  # head 0 or 2 went (they share Q, so both show as kept)
+    assert len(numpy_helper.to_array(next(i for i in result.model.graph.initializer
+                                          if i.name == "wq")).T) == 3 * D_HEAD
+    assert relative_error(model, result.model) < 1e-3
+
+
+def test_calibrated_removes_the_planted_useless_head_and_keeps_outputs_close():
+    """Head 1 barely reaches the output (its output-projection rows are 1e-3 of the
+    others'): at a budget of one head it is the one removed, whole (Q, K and V)."""
+    w = random_weights(4)
+    w["wo"][head(1)] *= 1e-3
+    model = encoder(w)
+    result = slim_checked(model, data=calibration(), ratio=0.22, round_to=1)
+    assert surviving_q_heads(result.model, w) == [0, 2, 3]
+    shapes = {o.name: o.type.tensor_type.shape.dim for o in result.model.graph.value_info}
+    assert shapes["q4"][2].dim_value == 3 and shapes["v4"][2].dim_value == 3
+    assert relative_error(model, result.model) < 1e-2
+
+
+def test_heads_compete_with_ffn_neurons_in_one_allocation():
+    """Two encoder layers (computed Reshape targets, mask, decomposed LayerNorm, Erf
+    GELU): layer 1's head 2 barely reaches the output. A budget of about one head's MACs
+    (its Q, K, V rows, QKᵀ, P·V and output columns: 630 of 7080) is best spent on that
+    head, not on FFN neurons or another layer's heads."""
+    spec = Spec(layers=2, d_model=8, heads=4, head_dim=3, ffn=12, activation="GeluErf",
+                norm_op=False, pre_norm=False, mask=True, reshape="computed", seed=11)
+    model = build(spec, [([], []), ([], [])]).model
+    out_w = next(t for t in model.graph.initializer if t.name == "l1.out.w")
+    scaled = numpy_helper.to_array(out_w).copy()
+    scaled[6:9] *= 1e-3  # head 2's rows of the output projection
+    out_w.CopyFrom(numpy_helper.from_array(scaled, out_w.name))
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((128, TOKENS, 8)).astype(np.float32),
+            "mask": np.zeros((128, 1, 1, TOKENS), np.float32)}
+    result = slim_checked(model, data=data, ratio=0.085, round_to=1)
+    widths = {n: width(result.model, n) for n in ("l0.q", "l0.ffn1", "l1.q", "l1.ffn1")}
+    assert widths == {"l0.q": 12, "l0.ffn1": 12, "l1.q": 9, "l1.ffn1": 12}
+    wq = numpy_helper.to_array(next(t for t in result.model.graph.initializer
+                                    if t.name == "l1.q.w"))
+    original = numpy_helper.to_array(next(t for t in model.graph.initializer
+                                          if t.name == "l1.q.w"))
+    np.testing.assert_array_equal(wq, np.delete(original, [6, 7, 8], axis=1))
+    feeds8 = {k: v[:8] for k, v in data.items()}
+    outs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            .run(None, feeds8)[0] for m in (model, result.model)]
+    assert np.abs(outs[0] - outs[1]).max() < 1e-2 * np.abs(outs[0]).max()
+
+
+def test_refit_of_heads_is_feature_by_feature_and_identity_when_nothing_is_removed():
+    """The sequential refit re-solves a head group's output projection per feature: on an
+    unslimmed model it gives back the identity over all H*d features (a per-head map could
+    only scale whole heads); with head 1 removed it rebuilds head 1's features from the
+    kept ones, the least squares of lumping/head_merge.py."""
+    model = normalize(encoder(random_weights(3)))
+    graph = Graph(model)
+    groups = build_groups(graph)
+    [heads] = [g for g in groups.groups.values() if g.unit > 1]
+    data = calibrate.load_data(calibration(), model)
+    _, plans = refit.refit(model, graph, groups, {}, data, [heads.id])
+    mix, offset = plans[heads.id].features["heads_out"]
+    np.testing.assert_allclose(mix, np.eye(HD), atol=1e-4)
+    np.testing.assert_allclose(offset, 0.0, atol=1e-4)
+    stats = calibrate.collect(model, groups, data)
+    head_model = head_merge.head_models(graph, groups, stats.features)[heads.id]
+    keep = np.array([0, 2, 3])
+    slimmed, plans = refit.refit(model, graph, groups,
+                                 {heads.id: head_model.plan(keep, True, "lfrns")}, data,
+                                 [heads.id])
+    mix, _ = plans[heads.id].features["heads_out"]
+    assert mix.shape == (HD, 3 * D_HEAD)
+    np.testing.assert_allclose(mix[head(0)], np.eye(3 * D_HEAD)[:D_HEAD], atol=1e-3)
+    dropped = rewrite.apply(model, graph, groups, {heads.id: head_model.plan(keep, False, "x")})
+    assert squared_error(model, slimmed) < 0.8 * squared_error(model, dropped)
+
+
+def squared_error(model: onnx.ModelProto, slimmed: onnx.ModelProto) -> float:
+    outs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            .run(None, calibration(64, seed=11))[0] for m in (model, slimmed)]
+    return float(np.mean(np.square(outs[0] - outs[1])))

@@ -1,7 +1,7 @@
 """Stock nn.MultiheadAttention exports: packed in-projection and heads merged with batch.
 
-TODO: tiny onnx.helper graphs of the two patterns (channels/handlers/packed.py); for now
-the shipped torchscript export stands in for them.
+The tiny onnx.helper graphs of these patterns (as the dynamo exporter writes them, with
+the merged-batch Kᵀ) are in test_attention_dynamo.py; here the shipped torchscript export.
 """
 
 from pathlib import Path

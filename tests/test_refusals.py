@@ -198,6 +198,7 @@ OPTION_MISTAKES = [  # (CLI flags, slim() keywords, words the one line must hold
      ["--max-accuracy-drop", "[0, 1]"]),
     (["--tolerance", "0"], {"tolerance": 0.0}, ["--tolerance", "> 0"]),
     (["--tolerance", "nan"], {"tolerance": float("nan")}, ["--tolerance", "> 0"]),
+    (["--tolerance", "inf"], {"tolerance": float("inf")}, ["--tolerance", "finite"]),
     (["--input-shape", "x:1x0x8x8"], {"input_shapes": {"x": (1, 0, 8, 8)}},
      ["--input-shape", "positive"]),
 ]
@@ -211,6 +212,29 @@ def test_option_mistakes_are_refused_alike_by_cli_and_python(tmp_path, capsys, m
         slim(str(model_path), tmp_path / "out.onnx", **kwargs)
     assert line == f"onnxslim-fr: error: {caught.value}"
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"output": b"out.onnx"}, "output must be a str or os.PathLike path, not bytes"),
+    ({"output": 3}, "output must be a str or os.PathLike path, not int"),
+    ({"input_shapes": [("x", (1, 3, 8, 8))]}, "input_shapes must be a mapping"),
+    ({"input_shapes": {"x": "1x3x8x8"}}, "dims must be positive integers, got '1x3x8x8'"),
+    ({"input_shapes": {"x": 5}}, "dims must be positive integers, got 5"),
+])
+def test_python_argument_of_the_wrong_type_is_a_usage_error_not_a_traceback(
+        model_path, no_loading, kwargs, words):
+    with pytest.raises(UsageError, match=words):
+        slim(str(model_path), **kwargs)
+
+
+def test_input_shape_dims_may_be_a_numpy_array(model_path):
+    rep = slim(str(model_path), input_shapes={"x": np.array([2, 3, 8, 8])}, latency_runs=0)
+    assert rep.report.max_rel_error < 1e-4
+
+
+def test_an_input_shape_given_twice_is_refused(tmp_path, capsys, model_path, no_loading):
+    refused(capsys, [model_path, tmp_path / "o.onnx", "--input-shape", "x:1x3x8x8",
+                     "--input-shape", "x:2x3x8x8"], "--input-shape x", "twice")
 
 
 def test_usage_mistakes_are_one_line_exit_2(tmp_path, capsys, model_path):
@@ -497,3 +521,29 @@ def test_a_dynamic_dimension_written_as_minus_one_is_an_ordinary_dynamic_dim(tmp
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     assert main([str(path), str(tmp_path / "out.onnx")]) == 0
+
+
+# the report tells the truth ----------------------------------------------------------------
+def test_unchanged_model_with_constant_node_weights_reports_its_params_unchanged():
+    """paddle2onnx writes weights as Constant nodes; with nothing to remove the model comes
+    back as it was, and the report must not say its parameters went to 0."""
+    b = Net((None, 3, 8, 8))
+    model = b.build(b.conv(b.relu(b.conv(b.x, 4)), 2))
+    for init in list(model.graph.initializer):  # every weight becomes a Constant node
+        model.graph.node.insert(0, h.make_node("Constant", [], [init.name], value=init))
+    del model.graph.initializer[:]
+    rep = slim(model, latency_runs=0).report
+    assert rep.before.params == rep.after.params > 0
+    assert rep.before.channels == rep.after.channels > 0
+
+
+def test_labels_that_no_class_can_have_are_refused(tmp_path, capsys):
+    """Label 99 for a 10-class output made both accuracies 0, so any slimming was "within"
+    --max-accuracy-drop; it is refused before the run."""
+    src = ROOT / "models" / "digits_cnn.onnx"
+    calib = np.load(ROOT / "models" / "digits_img_calib.npz")
+    bad = _npz(tmp_path / "bad.npz", input=calib["input"],
+               labels=np.full(len(calib["input"]), 99, np.int64))
+    refused(capsys, [src, tmp_path / "o.onnx", "--data", bad, "--max-accuracy-drop", "0.1"],
+            "labels must be class ids in [0, 10)", "[99, 99]")
+    assert not (tmp_path / "o.onnx").exists()

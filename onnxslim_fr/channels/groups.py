@@ -21,6 +21,7 @@ from ..graph import Graph, normalize
 from .context import AnalysisContext
 from .handlers import handler_for
 from .handlers.linear import LinearHandler
+from .layout import Layout
 from .structures import ChannelGroup, GroupSet, Member, Role, Unsupported
 
 __all__ = ["ChannelGroup", "GroupSet", "Member", "Role", "Unsupported", "build_groups",
@@ -62,9 +63,12 @@ def build_groups(graph: Graph) -> GroupSet:
 
 
 def kept_channels(first: GroupSet, final: Graph) -> dict[int, int]:
-    """Channels each group of `first` still has in the slimmed model `final`: the length of
-    its piece of its producer's output there (producer names survive rewrites, and a Split
-    refines the slimmed model at the same places, since every piece keeps a channel)."""
+    """Channels (whole heads for head groups) each group of `first` still has in the slimmed
+    model `final`, measured on its producer's output there (producer names survive rewrites,
+    and a Split refines the slimmed model at the same places, since every piece keeps a
+    channel). Counted in features, then divided by the features of one channel: a slimmed
+    model may no longer see heads (one head left), and a packed Q/K/V in-projection holds
+    the group three times."""
     if all(len(first.layouts[m.tensor].segments) < 2 for g in first.groups.values()
            for m in g.members if m.role is Role.PRODUCER):
         return {}  # no producer writes pieces: its output channels tell every group
@@ -77,15 +81,26 @@ def kept_channels(first: GroupSet, final: Graph) -> dict[int, int]:
     for g in first.groups.values():
         m = next((m for m in g.members if m.role is Role.PRODUCER), None)
         node = nodes.get(m.node) if m is not None else None
-        if node is None or node.output[0] not in now.layouts:
-            continue
-        before, after = first.layouts[m.tensor].segments, now.layouts[node.output[0]].segments
-        k = next(i for i, s in enumerate(before) if s.group == g.id)
-        if len(before) == len(after):
-            kept[g.id] = after[k].length
-        elif len(before) == 1:
-            kept[g.id] = now.layouts[node.output[0]].channels
+        if node is not None:
+            n = _kept(first.layouts[m.tensor], g.id, now.layouts.get(node.output[0]),
+                      handler_for(node).out_channels(node, final))
+            if n is not None:
+                kept[g.id] = n
     return kept
+
+
+def _kept(before: Layout, gid: int, after: Layout | None, written: int | None) -> int | None:
+    """Channels of group `gid` in the producer's slimmed output, whose layout was `before`
+    and is `after` now (None: not analysed); `written`: the features it writes now."""
+    segs = before.segments
+    k = next(i for i, s in enumerate(segs) if s.group == gid)
+    per = segs[k].stride  # features of one channel (head_dim on a head group's producer)
+    if after is not None and len(after.segments) == len(segs):
+        return after.segments[k].length * after.segments[k].stride // per
+    if all(s.group == gid for s in segs):  # the group alone, once or packed several times
+        total = after.unit if after is not None else written
+        return None if total is None else total // (len(segs) * per)
+    return None
 
 
 def _freeze_subgraph_reads(node: onnx.NodeProto, ctx: AnalysisContext) -> None:

@@ -23,6 +23,11 @@ class GroupPlan:
     keep: np.ndarray
     mix: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     method: str = "exact"
+    #: per read point, optional: the same relation feature by feature, (C*q, K*q) and
+    #: (C*q,) over the q features of each channel (channel-major), for channels that are
+    #: blocks of features (attention heads, lumping/head_merge.py); consumers fold it
+    #: instead of `mix` there
+    features: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def removed(self) -> int:
@@ -33,8 +38,8 @@ class GroupPlan:
         """Whether applying the plan edits the model (removes or re-mixes channels)."""
         if self.removed:
             return True
-        return any(not np.array_equal(mix, np.eye(self.size)) or np.any(offset)
-                   for mix, offset in self.mix.values())
+        return any(not np.array_equal(mix, np.eye(len(mix))) or np.any(offset)
+                   for mix, offset in [*self.mix.values(), *self.features.values()])
 
     def check(self, read_points: list[str]) -> None:
         """Invariants every planner must meet; a violation is a bug, not a user error."""
@@ -47,6 +52,9 @@ class GroupPlan:
             if self.method == "exact":
                 assert np.allclose(mix[self.keep], np.eye(len(self.keep))), "kept rows: identity"
                 assert np.allclose(offset[self.keep], 0.0), "kept channels have no offset"
+        for name, (mix, offset) in self.features.items():
+            assert mix.shape[0] == len(offset) and \
+                mix.shape[1] * self.size == mix.shape[0] * len(self.keep), f"features at {name}"
 
 
 Plan = dict[int, GroupPlan]

@@ -156,6 +156,9 @@ def _through(node: onnx.NodeProto, index: int, graph: Graph, groups: GroupSet,
     t = handler_for(node).transfer(node, graph)
     if isinstance(t, Join):
         return _join(t.op, tracked[0], tracked[1], ids)
+    if not tracked:  # the end of a chain with untracked tensors inside (handlers/packed.py)
+        n = groups.layouts[node.output[index]].channels
+        return Relation(ids.fresh(n), np.ones(n), np.zeros(n))
     r = tracked[0]
     if isinstance(t, Take):
         return _take(r, t.ranges[index], groups.layouts[node.input[0]])

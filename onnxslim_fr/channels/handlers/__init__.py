@@ -10,17 +10,20 @@ import onnx
 
 from . import affine, attention, elementwise, embedding, linear, recurrent, shape, spatial, split
 from .base import OpHandler
+from .normalization import FREEZING
 
 _BY_OP: dict[str, OpHandler] = {
     op: handler
     for family in (linear.HANDLERS, affine.HANDLERS, elementwise.HANDLERS, spatial.HANDLERS,
                    shape.HANDLERS, recurrent.HANDLERS, embedding.HANDLERS,
-                   split.HANDLERS, attention.HANDLERS)
+                   split.HANDLERS, attention.HANDLERS, FREEZING)
     for handler in family
     for op in handler.ops
 }
 
-SUPPORTED_OPS: tuple[str, ...] = tuple(sorted(_BY_OP))
+#: Ops whose channels can be slimmed (FREEZING handlers only give a precise freeze reason).
+SUPPORTED_OPS: tuple[str, ...] = tuple(sorted(set(_BY_OP) - {op for h in FREEZING
+                                                               for op in h.ops}))
 
 #: Quantized ops: out of scope (slim the float model, then quantize); named in notes.
 QUANTIZED_OPS = frozenset({

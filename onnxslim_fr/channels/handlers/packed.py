@@ -30,6 +30,8 @@ from ..structures import Unsupported
 from .base import attr
 
 Dim = int | str
+_DYNAMIC = ("Reshape merges attention heads with the batch with a target no constant can "
+            "replace (a dynamic sequence length; export with a static one to slim heads)")
 
 
 def _dst(node: onnx.NodeProto, graph: Graph) -> list[Dim] | None:
@@ -80,7 +82,7 @@ def _harmless_shape(user: onnx.NodeProto, axes: tuple[int, ...], graph: Graph) -
     return True
 
 
-def _chain(graph: Graph, name: str, axes: tuple[int, int], rank: int
+def _chain(graph: Graph, name: str, axes: tuple[int, ...], rank: int
            ) -> tuple[str, tuple[int, ...], list[onnx.NodeProto]] | None:
     """Follow `name` through single-reader Transpose / Unsqueeze / Squeeze nodes; returns
     the last tensor, where the tracked axes are there, and its readers."""
@@ -165,12 +167,41 @@ def merged_heads(node: onnx.NodeProto, ctx: AnalysisContext) -> bool:
     if last.input[0] != end or (_dst(last, graph) or [None] * (q + 2))[q + 1] != heads or \
             end_target(last, graph, q + 1, heads) is None or \
             start_target(node, graph, a) is None:
-        raise Unsupported("Reshape merges attention heads with the batch in a way whose "
-                          "target cannot be rewritten")
+        raise Unsupported(_DYNAMIC)
     lay = ctx.coarsen(lay, d)
     segs = tuple(Segment(s.group, s.length, s.stride // d) if s.group is not None
                  else Segment(None, s.length * s.stride // d) for s in lay.segments)
     ctx.set_layout(last.output[0], Layout(q + 1, segs))
+    return True
+
+
+def batch_heads(node: onnx.NodeProto, ctx: AnalysisContext) -> bool:
+    """``[.., B, H, X..] -> [.., B*H, X..]`` of heads, Transposes, then a Reshape back to
+    ``[.., B, H, ..]`` (the dynamo exporter's Kᵀ inside scaled_dot_product_attention:
+    ``[B, H, T, d] -> [B*H, T, d] -> [B*H, d, T] -> [B, H, d, T]``). The heads come back on
+    the last Reshape's head axis; both targets become private constants."""
+    graph, lay = ctx.graph, ctx.layout(node.input[0])
+    src, dst = graph.symbolic_shape(node.input[0]), _dst(node, graph)
+    a = lay.axis
+    if src is None or dst is None or len(dst) != len(src) - 1 or a == 0 or \
+            not lay.groups() or any(ctx.unit(g) == 1 for g in lay.groups()) or \
+            lay.outer != 1 or any(s.stride != 1 for s in lay.segments):
+        return False
+    if list(dst[:a - 1]) != list(src[:a - 1]) or list(dst[a:]) != list(src[a + 1:]):
+        return False
+    merged, heads = dst[a - 1], src[a]
+    if isinstance(merged, int) and not (isinstance(src[a - 1], int) and
+                                        merged == src[a - 1] * heads):
+        return False
+    found = _chain(graph, node.output[0], (a - 1,), len(dst))
+    if found is None or len(found[2]) != 1 or found[2][0].op_type != "Reshape":
+        return False
+    end, (q,), (last,) = found
+    if last.input[0] != end or (_dst(last, graph) or [None] * (q + 2))[q + 1] != heads:
+        return False
+    if end_target(last, graph, q + 1, heads) is None or start_target(node, graph, a) is None:
+        raise Unsupported(_DYNAMIC)
+    ctx.set_layout(last.output[0], Layout(q + 1, lay.segments))
     return True
 
 

@@ -17,7 +17,7 @@ from ..layout import Layout, Segment, concat, opaque
 from ..reshape_map import AxisMove, move_axis, unify
 from ..structures import Unsupported
 from .base import OpHandler, RewriteContext, attr
-from .packed import end_target, merged_heads, packed_split, packed_target, start_target
+from .packed import batch_heads, end_target, merged_heads, packed_split, packed_target, start_target
 from .split import rewrites_bounds
 
 
@@ -60,7 +60,7 @@ class ReshapeHandler(OpHandler):
         dst = target_shape(node, ctx.graph) or ctx.graph.symbolic_shape(node.output[0])
         if src is None or dst is None:
             raise Unsupported("Reshape with shapes shape inference cannot tell")
-        if merged_heads(node, ctx):
+        if merged_heads(node, ctx) or batch_heads(node, ctx):
             return
         move = move_axis(list(src), list(dst), lay.axis)
         if move is None:

@@ -87,7 +87,8 @@ def _take(ctx: AnalysisContext, node: onnx.NodeProto, lay: Layout,
           ranges: list[tuple[int, int]]) -> None:
     """Refine the groups at the ranges' bounds and give each output its piece."""
     if lay.outer != 1:
-        raise Unsupported(f"{node.op_type} of channels-last flattened features")
+        raise Unsupported(f"{node.op_type} of interleaved channels (a channel shuffle, or "
+                          "channels-last features flattened)")
     if any(a >= b for a, b in ranges):
         raise Unsupported(f"{node.op_type} output with no channels")
     cut = ctx.cut(lay, [p for r in ranges for p in r])
