@@ -1,6 +1,11 @@
 """onnxslim-fr: make ONNX models smaller by removing functionally redundant channels."""
 
 import logging
+import os
+
+# onnxruntime's telemetry (Linux builds from 1.2x) writes $TMPDIR/.ses when onnxruntime is
+# imported: a run leaves nothing behind, so it is off unless the environment says otherwise
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from .api import SlimResult, analyze, slim
 from .errors import (

@@ -138,7 +138,8 @@ def _from_arrays(arrays: dict[str, np.ndarray], specs: dict, batch_size: int,
             raise BadDataError(f"{what} has {n} samples; the model takes batches of exactly "
                                f"{fixed}")
         batch_size, n = fixed, n - n % fixed
-    batches = [{k: v[i:i + batch_size] for k, v in full.items()} for i in range(0, n, batch_size)]
+    batches = [{k: v[i:min(i + batch_size, n)] for k, v in full.items()}
+               for i in range(0, n, batch_size)]
     return Dataset(batches, None if labels is None else labels[:n], fixed)
 
 

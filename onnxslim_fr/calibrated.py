@@ -79,7 +79,7 @@ def run(original: onnx.ModelProto, work: onnx.ModelProto, calib: calibrate.Datas
             graph, groups, stats, fraction=fraction, probe=probe, method=options.method,
             target=options.target, threshold=options.threshold,
             compensate=options.compensate, feeds=cost_feeds, round_to=options.round_to,
-            measured=measured)
+            measured=measured, notes=notes if budget.ratio is not None else None)
         methods.update(methods_by_producer(groups, plans))
         if sequential:
             return refit.refit(work, graph, groups, plans, calib, refit_groups)[0]

@@ -163,8 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, written: list[str]) -> int:
     if args.inspect:
-        if args.output is not None or args.report is not None:
-            raise UsageError("--inspect writes nothing: drop the output path and --report")
+        if args.output is not None or args.report is not None or args.plot is not None:
+            raise UsageError("--inspect writes nothing: drop the output path, --report and "
+                             "--plot")
         _, rows = analyze(args.input)
         _print(render_groups(rows))
         return 0
@@ -180,10 +181,10 @@ def _run(args: argparse.Namespace, written: list[str]) -> int:
         check_budget(args.data, args.holdout, ratio, args.max_error, args.max_accuracy_drop,
                      args.min_agreement)
         check_paths(args.input, suffixed(args.output, ratio, several),
-                    suffixed(args.report, ratio, several))
+                    suffixed(args.report, ratio, several), plot=args.plot,
+                    reads={"--data": args.data, "--holdout": args.holdout})
     if args.plot is not None:
         plot.require(args.plot)
-        check_paths(args.input, args.plot)
     runs = []
     bar = progress.overall(len(ratios), "ratios") if several else nullcontext(lambda: None)
     with progress.quiet(args.quiet), bar as step:
@@ -191,6 +192,7 @@ def _run(args: argparse.Namespace, written: list[str]) -> int:
             runs.append((ratio, _slim_one(args, ratio, several, written)))
             step()
     if args.plot is not None:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)  # as for the model, report
         if several:
             plot.write_tradeoff(args.plot, runs)
         else:

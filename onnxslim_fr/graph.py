@@ -88,6 +88,29 @@ class Graph:
         return len(self.consumers.get(name, ()))
 
 
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+           onnx.TensorProto.BFLOAT16)
+
+
+def measured_outputs(model: onnx.ModelProto) -> list[str]:
+    """The float tensors an output error is measured on, one per graph output that has
+    one: a float tensor output itself; for a ZipMap's sequence of maps (scikit-learn
+    classifiers), the probability tensor it reads; labels and other integer outputs only
+    when no output is a float tensor."""
+    makers = {o: n for n in model.graph.node for o in n.output}
+    floats, tensors = [], []
+    for out in model.graph.output:
+        tt = out.type.tensor_type if out.type.HasField("tensor_type") else None
+        maker = makers.get(out.name)
+        if tt is not None and tt.elem_type in _FLOATS:
+            floats.append(out.name)
+        elif tt is not None:
+            tensors.append(out.name)
+        elif maker is not None and maker.op_type == "ZipMap":
+            floats.append(maker.input[0])
+    return list(dict.fromkeys(floats or tensors))
+
+
 def _inputs_including_subgraphs(node: onnx.NodeProto) -> Iterator[str]:
     """Direct inputs, plus outer-scope names read implicitly by If/Loop/Scan bodies."""
     yield from (i for i in node.input if i)
@@ -196,6 +219,8 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     inferred shapes are written into `model`, which is returned."""
     declare_weight_inputs(model)
     _infer_into(model)
+    if _ml_shapes(model):
+        _infer_into(model)
     # each round can only resolve Reshapes whose input shapes the previous one told
     for _ in range(1 + sum(n.op_type in ("Reshape", "Slice") for n in model.graph.node)):
         resolved = resolved_reshapes(Graph(model))
@@ -204,6 +229,34 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         model.graph.value_info.extend(resolved)
         _infer_into(model)
     return model
+
+
+#: ai.onnx.ml ops whose float output has their input's shape; onnx infers none of them, so
+#: a scikit-learn pipeline's Scaler left every layer after it without shapes (no groups).
+_ML_SAME_SHAPE = ("Scaler", "Normalizer", "Binarizer", "Imputer")
+
+
+def _ml_shapes(model: onnx.ModelProto) -> bool:
+    """Declare the outputs of _ML_SAME_SHAPE nodes with their input's shape; True when one
+    was added (inference then runs again from there)."""
+    g = model.graph
+    typed = {v.name: v for v in [*g.input, *g.value_info, *g.output]}
+    added = False
+    for node in g.node:
+        if node.domain != "ai.onnx.ml" or node.op_type not in _ML_SAME_SHAPE:
+            continue
+        src, out = typed.get(node.input[0]), typed.get(node.output[0])
+        if src is None or not src.type.tensor_type.HasField("shape") or \
+                (out is not None and out.type.tensor_type.HasField("shape")):
+            continue
+        info = onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)
+        info.type.tensor_type.shape.CopyFrom(src.type.tensor_type.shape)
+        if out is not None and out in g.output:
+            out.type.CopyFrom(info.type)
+        else:
+            g.value_info.append(info)
+        added = True
+    return added
 
 
 def _infer_into(model: onnx.ModelProto) -> None:

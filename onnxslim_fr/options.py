@@ -9,6 +9,7 @@ from __future__ import annotations
 import numbers
 import operator
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def check_arguments(*, model: object, output: str | os.PathLike[str] | None,
         if not dims or not all(isinstance(d, numbers.Integral) and d > 0 for d in dims):
             raise UsageError(f"--input-shape {name}: dims must be positive integers, "
                              f"got {raw!r}")
-    check_paths(model, output)
+    check_paths(model, output, reads={"--data": data, "--holdout": holdout})
 
 
 def check_budget(data: object, holdout: object, ratio: float | None, max_error: float | None,
@@ -80,7 +81,7 @@ def check_budget(data: object, holdout: object, ratio: float | None, max_error: 
     if ratio is not None:
         _require("--ratio", ratio, lambda v: 0 <= v < 1, "in [0, 1)")
     if max_error is not None:
-        _require("--max-error", max_error, lambda v: v > 0, "> 0")
+        _require("--max-error", max_error, lambda v: 0 < v < float("inf"), "> 0 and finite")
     if max_accuracy_drop is not None:
         _require("--max-accuracy-drop", max_accuracy_drop, lambda v: 0 <= v <= 1, "in [0, 1]")
     if min_agreement is not None:
@@ -122,29 +123,52 @@ def _classes(model: onnx.ModelProto) -> int | None:
 
 
 def check_paths(model: object, output: str | os.PathLike[str] | None,
-                report: str | os.PathLike[str] | None = None) -> None:
-    """Refuse, before the run, an output or report that would overwrite the input or each
-    other, or that cannot be written."""
+                report: str | os.PathLike[str] | None = None, *,
+                plot: str | os.PathLike[str] | None = None,
+                reads: Mapping[str, object] | None = None) -> None:
+    """Refuse, before the run, a file we would write (output, its weight file, report,
+    plot) that is a file we read (the model, its weights, `reads`: flag -> data path) or
+    another file we write, or that cannot be written."""
     source = Path(model) if isinstance(model, str | os.PathLike) else None
-    for what, path in (("output", output), ("--report", report)):
+    for what, path in (("output", output), ("--report", report), ("--plot", plot)):
         if path is not None and not isinstance(path, str | os.PathLike):
             raise UsageError(f"{what} must be a str or os.PathLike path, not "
                              f"{type(path).__name__}")
+        if path is not None and os.fspath(path).endswith(("/", os.sep)):
+            raise UsageError(f"{what} {os.fspath(path)} ends with a path separator: give a "
+                             "file path, not a directory")
+    read = [(Path(v), f"the {flag} file") for flag, v in (reads or {}).items()
+            if isinstance(v, str | os.PathLike)]
     out = Path(output) if output is not None else None
     if out is not None:
         _check_writable(out, "output")
         check_not_overwriting([source] if source else [], out)
-    if report is not None:
-        rep = Path(report)
+        _check_distinct("output", out, read)
+        for other, what in read:
+            if _same(data_path(out), other):
+                raise UsageError(f"output {out} would write its weights to {other}, {what}: "
+                                 "choose another output path")
+    taken = [(source, "the input model"), (out, "the output model"),
+             (out and data_path(out), "the output's weight file"), *read]
+    for flag, path in (("--report", report), ("--plot", plot)):
+        if path is None:
+            continue
+        target = Path(path)
         # an existing file might be one of the input's weight files (read only then)
-        inputs = data_files(source) if source and os.path.isfile(source) and \
-            os.path.exists(rep) else []
-        for other, what in ((source, "the input model"), (out, "the output model"),
-                            (out and data_path(out), "the output's weight file"),
-                            *((d, "a weight file of the input model") for d in inputs)):
-            if other is not None and _same(rep, other):
-                raise UsageError(f"--report {rep} is {what}: choose another report path")
-        _check_writable(rep, "--report")
+        weights = data_files(source) if source and os.path.isfile(source) and \
+            os.path.exists(target) else []
+        _check_distinct(flag, target, [*taken, *((d, "a weight file of the input model")
+                                                 for d in weights)])
+        _check_writable(target, flag)
+        taken.append((target, f"the {flag} file"))
+
+
+def _check_distinct(flag: str, target: Path, others: Sequence[tuple[Path | None, str]]) -> None:
+    """`target` is none of `others` (path, what it is), through links and `..`."""
+    noun = flag.lstrip("-")
+    for other, what in others:
+        if other is not None and _same(target, other):
+            raise UsageError(f"{flag} {target} is {what}: choose another {noun} path")
 
 
 def check_not_overwriting(sources: Sequence[Path], output: Path) -> None:
@@ -193,6 +217,9 @@ def _check_writable(path: Path, what: str) -> None:
     """os.path tests, not Path methods: those raise on a directory we may not search."""
     if os.path.isdir(path):
         raise UsageError(f"{what} {path} is a directory: give a file path")
+    if os.path.exists(path) and not os.path.isfile(path):  # written by rename: would replace it
+        raise UsageError(f"{what} {path} is not a regular file (a device, pipe or socket): "
+                         "give a file path")
     parent = path.absolute().parent
     while not os.path.lexists(parent) and parent != parent.parent:
         parent = parent.parent
@@ -202,6 +229,23 @@ def _check_writable(path: Path, what: str) -> None:
         raise UsageError(f"{what} {path} is read-only")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{what} {path} cannot be written: no write permission in {parent}")
+    _try_create(parent, path, what)
+
+
+def _try_create(parent: Path, path: Path, what: str) -> None:
+    """Create and remove a file in `parent`: permission bits lie to root (and on read-only
+    or special filesystems such as /sys), so only a real creation tells. Unnamed when the
+    filesystem allows it, so no name ever appears beside the user's files."""
+    try:
+        fd = os.open(parent, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except (AttributeError, OSError):  # no O_TMPFILE here: a named file, removed at once
+        try:
+            fd, name = tempfile.mkstemp(prefix=".onnxslim-fr-", suffix=".check", dir=parent)
+        except OSError as exc:
+            raise UsageError(f"{what} {path} cannot be written: {exc.strerror or exc} in "
+                             f"{parent}") from None
+        os.unlink(name)
+    os.close(fd)
 
 
 def _same(a: Path, b: Path) -> bool:

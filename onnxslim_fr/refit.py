@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from . import progress, rewrite
@@ -76,21 +77,93 @@ class PairedStats:
                            self.sum_s + other.sum_s, self.gram_ss + other.gram_ss,
                            self.cross_os + other.cross_os)
 
-    def solve(self, prior: np.ndarray, ridge: float = RIDGE) -> tuple[np.ndarray, np.ndarray]:
+    def solve(self, prior: np.ndarray, ridge: float | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
         """Least-squares (mix, offset) with ``o ≈ mix @ s + offset``, ridge-regularized toward
         `prior` (the plan's mix so far: identity for kept channels), not toward zero: where
         the statistics are uninformative (nearly collinear channels) the plan stays as it
-        was, and refitting an unslimmed model gives back exactly the identity."""
+        was, and refitting an unslimmed model gives back exactly the identity. `ridge` is
+        relative to the regressors' mean variance (None: `ridge_for`)."""
         n = max(self.count, 1)
         mo, ms = self.sum_o / n, self.sum_s / n
         cov_ss = self.gram_ss / n - np.outer(ms, ms)
         cov_os = self.cross_os / n - np.outer(mo, ms)
-        lam = ridge * max(float(np.trace(cov_ss)) / max(len(ms), 1), 1e-12)
+        rel = ridge_for(len(ms), n) if ridge is None else ridge
+        lam = rel * max(float(np.trace(cov_ss)) / max(len(ms), 1), 1e-12)
         mix = np.linalg.solve(cov_ss + lam * np.eye(len(ms)), (cov_os + lam * prior).T).T
         return mix, mo - mix @ ms
 
+    def loss(self, mix: np.ndarray, offset: np.ndarray) -> float:
+        """Mean squared error of ``o ≈ mix @ s + offset`` on these rows, less the constant
+        mean of |o|² (enough to compare fits)."""
+        n = max(self.count, 1)
+        fitted = (float(np.sum((mix @ self.gram_ss) * mix)) + 2 * offset @ (mix @ self.sum_s)
+                  + n * offset @ offset)
+        return (fitted - 2 * float(np.sum(mix * self.cross_os)) - 2 * offset @ self.sum_o) / n
+
+
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # relative ridges a refit chooses among
+PLENTY = 50  # rows per kept feature beyond which the ridge is not chosen by halves
+
+
+@dataclass
+class Folds:
+    """Paired statistics of two halves of the calibration rows (each batch's first and
+    second half: its samples, for sample-major values).
+
+    The refit overfits its calibration samples where they are few for the kept channels:
+    on PaddleOCR's recogniser (128 text lines) it cut the calibration set's output error by
+    a third and raised the test set's by a tenth (0.0169 -> 0.0185; 0.0178 with the ridge
+    chosen here). Each solve takes the ridge whose fit on one half predicts the other half
+    best (both ways); with a single row, `ridge_for`."""
+
+    halves: tuple[PairedStats, PairedStats]
+
+    @classmethod
+    def empty(cls, c: int, k: int) -> Folds:
+        return cls((PairedStats.empty(c, k), PairedStats.empty(c, k)))
+
+    def add(self, o: np.ndarray, s: np.ndarray) -> None:
+        half = len(o) // 2
+        self.halves[0].add(o[:half], s[:half])
+        self.halves[1].add(o[half:], s[half:])
+
+    def merged(self, other: Folds) -> Folds:
+        return Folds((self.halves[0].merged(other.halves[0]),
+                      self.halves[1].merged(other.halves[1])))
+
+    def solve(self, prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.halves
+        whole = a.merged(b)
+        if min(a.count, b.count) == 0:
+            return whole.solve(prior)
+        if whole.count >= PLENTY * len(whole.sum_s):
+            # overfitting is about kept / rows of the noise: negligible here, and choosing
+            # costs twelve solves (it tripled a ResNet-50's refit, whose rows are conv maps)
+            return whole.solve(prior, RIDGE)
+
+        def crossed(ridge: float) -> float:
+            return b.loss(*a.solve(prior, ridge)) + a.loss(*b.solve(prior, ridge))
+
+        # the best ridge falls about as 1 / rows: the whole has twice a half's
+        return whole.solve(prior, max(RIDGE, min(RIDGES, key=crossed) / 2))
+
+
+def ridge_for(regressors: int, observations: int, ridge: float = RIDGE) -> float:
+    """The relative ridge of a refit with `regressors` kept channels from `observations`
+    rows: at least regressors / observations.
+
+    A read point behind a global pool (a squeeze-and-excitation input) sees one row per
+    sample: PaddleOCR's recogniser refits 352 kept channels from 128 rows there, and a
+    ridge of 1e-4 interpolates the calibration samples, noise included. Ordinary least
+    squares overfits by about p / (n - p) of the noise; a ridge
+    of p / n of the mean variance tames it where n ~ p, and with conv maps (hundreds of
+    rows per channel) it stays below 1%."""
+    return max(ridge, regressors / max(observations, 1))
+
 
 @progress.phase("sequential refit")
+@threadpool_limits.wrap(limits=1, user_api="blas")  # skinny float64 products: BLAS
 def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
           data: Dataset, gids: list[int], max_samples: int = MAX_SAMPLES
           ) -> tuple[onnx.ModelProto, Plan]:
@@ -115,14 +188,14 @@ def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
         """The same slice with the plans as they are now."""
         return rewrite.apply(sub, Graph(sub), groups, plans, finalize=False, analysis=graph)
 
-    pooled: dict[tuple[int, str], PairedStats] = {}
+    pooled: dict[tuple[int, str], Folds] = {}
     bar = tqdm(stages, desc="refitting", unit="layer", disable=not progress.shown(),
                leave=False)
     for tensor, stage_gids in bar:
         lay = groups.layouts[tensor]
         shrunk = lay.resized({g: len(p.keep) for g, p in plans.items()})
         q = {g: _features_per_channel(groups, tensor, g) for g in stage_gids}
-        paired = {g: PairedStats.empty(plans[g].size * q[g], len(plans[g].keep) * q[g])
+        paired = {g: Folds.empty(plans[g].size * q[g], len(plans[g].keep) * q[g])
                   for g in stage_gids}
         for ref, now in zip(*values.advance(tensor, slimmed), strict=True):
             for g in stage_gids:
@@ -145,7 +218,7 @@ def _features_per_channel(groups: GroupSet, tensor: str, gid: int) -> int:
     return int(groups.layouts[tensor].feature_index(k).shape[1])
 
 
-def _observe(paired: PairedStats, ref: np.ndarray, now: np.ndarray, lay: Layout,
+def _observe(paired: Folds, ref: np.ndarray, now: np.ndarray, lay: Layout,
              shrunk: Layout, k: int, batches: int, per_feature: bool) -> None:
     """One batch of (original, slimmed) values of segment k: channels, or the features
     of each head (a head is rebuilt feature by feature, never as another head's multiple)."""
@@ -158,7 +231,7 @@ def _observe(paired: PairedStats, ref: np.ndarray, now: np.ndarray, lay: Layout,
     paired.add(channel_rows(ref, lay, k)[::step], channel_rows(now, shrunk, k)[::step])
 
 
-def _resolved(plan: GroupPlan, paired: PairedStats, tensor: str, tied: list[str], q: int
+def _resolved(plan: GroupPlan, paired: Folds, tensor: str, tied: list[str], q: int
               ) -> GroupPlan:
     """`plan` with the least-squares map at `tensor` (and the read points tied to it),
     ridge-regularized toward the map it had: per feature for heads (q > 1)."""

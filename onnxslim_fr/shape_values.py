@@ -96,7 +96,54 @@ def _evaluate(node: onnx.NodeProto, graph: Graph, inputs: list[Value | None]) ->
         return _multiply(inputs[0], inputs[1])
     if op in ("Add", "Sub", "Div") and len(inputs) == 2 and inputs[1] is not None:
         return _integer(op, inputs[0], inputs[1])  # torch's chunk: (C + 1) / 2 * k
+    return _selected(node, inputs)
+
+
+def _selected(node: onnx.NodeProto, inputs: list[Value | None]) -> Value | None:
+    """torch's ``expand(B, -1, T, T)`` target: ``Where(Equal(s, -1), 1, s)`` over a
+    ``ConstantOfShape`` (a 1-D Reshape of the vector on the way). A dimension symbol is
+    never negative, so it never equals the -1 it is compared with."""
+    op = node.op_type
+    if op == "ConstantOfShape":
+        fill = attr(node, "value", None)  # none: float zeros, not a shape
+        array = onnx.numpy_helper.to_array(fill) if fill is not None else None
+        n = inputs[0][0] if len(inputs[0]) == 1 else None
+        if array is None or array.dtype.kind not in "iu" or not isinstance(n, int) or \
+                n > _MAX_LENGTH:
+            return None
+        return [int(array.reshape(-1)[0])] * n
+    if op == "Reshape" and len(inputs) > 1 and inputs[1] is not None and len(inputs[1]) == 1:
+        return inputs[0] if inputs[1][0] in (-1, len(inputs[0])) else None
+    if op == "Equal" and len(inputs) == 2 and inputs[1] is not None:
+        return _paired(inputs[0], inputs[1], _equal)
+    if op == "Where" and len(inputs) == 3 and None not in inputs and \
+            all(isinstance(c, int) for c in inputs[0]):
+        n = max(len(v) for v in inputs)
+        if any(len(v) not in (1, n) for v in inputs):
+            return None
+        pick = [v * n if len(v) == 1 else v for v in inputs]
+        return [pick[1][k] if pick[0][k] else pick[2][k] for k in range(n)]
     return None
+
+
+def _equal(x: Dim, y: Dim) -> Dim | None:
+    if isinstance(x, int) and isinstance(y, int):
+        return int(x == y)
+    if x == y:
+        return 1
+    if (isinstance(x, int) and x < 0) or (isinstance(y, int) and y < 0):
+        return 0  # a symbol is a dimension: never negative
+    return None
+
+
+def _paired(a: Value, b: Value, fn) -> Value | None:
+    """`fn` entry by entry (one-entry values broadcast); None if any entry is unknown."""
+    if len(a) != len(b) and 1 not in (len(a), len(b)):
+        return None
+    n = max(len(a), len(b))
+    a, b = a * n if len(a) == 1 else a, b * n if len(b) == 1 else b
+    out = [fn(x, y) for x, y in zip(a, b, strict=True)]
+    return None if any(v is None for v in out) else out
 
 
 def _integer(op: str, a: Value, b: Value) -> Value | None:
@@ -166,19 +213,68 @@ def target_shape(node: onnx.NodeProto, graph: Graph) -> list[Dim] | None:
 
 
 def resolved_reshapes(graph: Graph) -> list[onnx.ValueInfoProto]:
-    """Typed shapes for Reshape outputs shape inference left unknown, where the evaluated
-    target tells them."""
+    """Typed shapes for Reshape / Slice / Expand outputs shape inference left unknown,
+    where the evaluated target, bounds or expanded shape tell them."""
     infos = []
+    shapes = {"Reshape": target_shape, "Slice": sliced_shape, "Expand": expanded_shape,
+              "Gemm": _gemm_shape}
     for node in graph.nodes:
-        if node.op_type not in ("Reshape", "Slice"):
+        if node.op_type not in shapes:
             continue
         known = graph.symbolic_shape(node.output[0])
-        dims = target_shape(node, graph) if node.op_type == "Reshape" else \
-            sliced_shape(node, graph)
+        dims = shapes[node.op_type](node, graph)
+        if dims is None and node.op_type == "Reshape":
+            dims = _read_width(node.output[0], graph)
         elem = graph.elem_type(node.input[0])
         if dims is not None and elem and _more_known(dims, known):
             infos.append(onnx.helper.make_tensor_value_info(node.output[0], elem, dims))
     return infos
+
+
+def _read_width(name: str, graph: Graph) -> list[Dim] | None:
+    """`name`'s shape with its last dimension set by a reader that fixes it: a MatMul with
+    a constant 2-D weight of K rows runs only on inputs whose last dimension is K. The
+    merge back of attention heads ``[B', T, H, d] -> [B, T, -1]`` (B' and B symbols that
+    inference cannot tell equal) then has a known width, so B' = B (reshape_map.unify)."""
+    dims = graph.symbolic_shape(name)
+    if not dims or isinstance(dims[-1], int):
+        return None
+    for user in graph.consumers.get(name, []):
+        weight = graph.const(user.input[1]) if user.op_type == "MatMul" and \
+            len(user.input) > 1 and user.input[0] == name else None
+        if weight is not None and weight.ndim == 2:
+            return [*dims[:-1], int(weight.shape[0])]
+    return None
+
+
+def _gemm_shape(node: onnx.NodeProto, graph: Graph) -> list[Dim] | None:
+    """[M, N] with A's row symbol: inference names M afresh, losing ``'B*16'``."""
+    a, b = graph.symbolic_shape(node.input[0]), graph.symbolic_shape(node.input[1])
+    if a is None or b is None or len(a) != 2 or len(b) != 2:
+        return None
+    return [a[1] if attr(node, "transA", 0) else a[0], b[0] if attr(node, "transB", 0) else b[1]]
+
+
+def expanded_shape(node: onnx.NodeProto, graph: Graph) -> list[Dim] | None:
+    """Output shape of an Expand by broadcasting: an attention mask expanded to
+    ``[B, 1, T, T]`` with a computed shape keeps its 1 on the head axis, which tells
+    that the mask is the same for every head (channels/handlers/attention.py)."""
+    src, target = graph.symbolic_shape(node.input[0]), value_of(node.input[1], graph)
+    if src is None or target is None:
+        return None
+    n = max(len(src), len(target))
+    a, b = [1] * (n - len(src)) + list(src), [1] * (n - len(target)) + list(target)
+    out: list[Dim] = []
+    for x, y in zip(a, b, strict=True):
+        if x == 1 or x == y:
+            out.append(y)
+        elif y == 1 or (isinstance(y, str) and isinstance(x, int)):
+            out.append(x)
+        elif isinstance(y, int):
+            out.append(y)  # a valid model: the symbol is 1 or y
+        else:
+            out.append(f"max({x},{y})")  # two symbols: a fresh one, equal to neither
+    return out
 
 
 def sliced_shape(node: onnx.NodeProto, graph: Graph) -> list[Dim] | None:
@@ -207,124 +303,12 @@ def sliced_shape(node: onnx.NodeProto, graph: Graph) -> list[Dim] | None:
 
 
 def _more_known(dims: list[Dim], known: tuple[Dim, ...] | None) -> bool:
-    """Whether `dims` tells something `known` (shape inference's answer) does not."""
+    """Whether `dims` tells something `known` (shape inference's answer) does not: a
+    number for a symbol, or a product of symbols (``'B*16'``, GPT-2's ``x.view(-1, C)``
+    before its Gemm) for a fresh one, so the Reshape back to ``[B, 16, C']`` is told."""
     if known is None:
         return True
     return len(dims) == len(known) and any(
-        isinstance(d, int) and not isinstance(k, int) for d, k in zip(dims, known, strict=True))
-
-
-# ------------------------------------------------------------ which entries read the channels
-
-Taint = list[bool]  # per entry of a small integer value: does it depend on the channel count?
-
-#: Ops whose result entries are taken from their first input's entries, in the same order.
-_SAME_ENTRIES = ("Cast", "Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten")
-#: Element-wise integer arithmetic and comparisons: an entry depends on the entries it meets.
-_ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Mod", "Max", "Min", "Equal", "Less", "Greater",
-                "LessOrEqual", "GreaterOrEqual", "Not", "Neg", "Abs", "Where")
-_REDUCE = ("ReduceProd", "ReduceSum", "ReduceMax", "ReduceMin")
-_TRACED = (*_SAME_ENTRIES, *_ELEMENTWISE, *_REDUCE, "Gather", "Slice", "Concat")
-_MAX_TRACED = 512  # shape subgraphs are small; past this, everything counts as dependent
-
-
-def channel_dependent(shape_node: onnx.NodeProto, axis: int, graph: Graph) -> set[str]:
-    """Tensors computed from `shape_node` (a Shape or Size of a tensor whose channels sit on
-    `axis`) whose value may change with the channel count. An LSTM's initial state built as
-    ``Shape -> Gather(batch) -> Concat -> ConstantOfShape`` reads only the batch size: its
-    value does not depend on the channels, so nothing downstream of it needs checking.
-
-    Entries are traced through index arithmetic (Gather / Slice with constant indices,
-    Concat, element-wise ops); anything not understood counts as dependent."""
-    seed = _seed(shape_node, axis, graph)
-    reach = _forward(shape_node.output[0], graph)
-    taints: dict[str, Taint | None] = {shape_node.output[0]: seed}
-    for node in graph.nodes:  # topological: inputs are known before the node
-        outs = [o for o in node.output if o in reach and o not in taints]
-        if outs:
-            taint = _taint(node, graph, taints)
-            for o in outs:
-                taints[o] = taint
-    return {t for t, v in taints.items() if v is None or any(v)}
-
-
-def _seed(node: onnx.NodeProto, axis: int, graph: Graph) -> Taint | None:
-    if node.op_type != "Shape":
-        return [True]  # Size: the product of every dimension
-    shape = graph.shape(node.input[0])
-    if shape is None:
-        return None
-    rank = len(shape)
-    start, end = attr(node, "start", 0), attr(node, "end", None)
-    return [a == axis for a in range(rank)][slice(start, end)]
-
-
-def _forward(start: str, graph: Graph) -> set[str]:
-    """Tensors reachable from `start` through traced ops (their first hop included)."""
-    todo, seen = [start], {start}
-    while todo and len(seen) < _MAX_TRACED:
-        for user in graph.consumers.get(todo.pop(), []):
-            for o in user.output:
-                if o and o not in seen:
-                    seen.add(o)
-                    if user.op_type in _TRACED:
-                        todo.append(o)
-    return seen
-
-
-def _taint(node: onnx.NodeProto, graph: Graph, taints: dict[str, Taint | None]
-           ) -> Taint | None:
-    """The output's taint from the inputs' (an input not in `taints` is independent)."""
-    ins = [taints.get(i, _clean(i, graph)) if i else [] for i in node.input]
-    op = node.op_type
-    if op not in _TRACED:  # any op of independent values is independent
-        return _clean(node.output[0], graph) if all(t is not None and not any(t)
-                                                     for t in ins) else None
-    if op in _SAME_ENTRIES:
-        return ins[0] if all(t is not None and not any(t) for t in ins[1:]) else None
-    if op in _REDUCE:
-        return None if any(t is None for t in ins) else [any(any(t) for t in ins)]
-    if any(t is None for t in ins):
-        return None
-    if op == "Concat":
-        return [e for t in ins for e in t]
-    if op in ("Gather", "Slice"):
-        return _indexed(node, graph, ins)
-    if op in _ELEMENTWISE:
-        n = max(len(t) for t in ins)
-        if any(len(t) not in (1, n) for t in ins):
-            return None
-        return [any(t[k if len(t) > 1 else 0] for t in ins) for k in range(n)]
-    return None
-
-
-def _clean(name: str, graph: Graph) -> Taint | None:
-    """An independent input: all-False entries of its length (None if unknown)."""
-    value = value_of(name, graph)
-    if value is not None:
-        return [False] * len(value)
-    shape = graph.shape(name)
-    if shape is None or any(d is None for d in shape):
-        return None
-    size = 1
-    for d in shape:
-        size *= int(d)
-    return [False] * size
-
-
-def _indexed(node: onnx.NodeProto, graph: Graph, ins: list[Taint]) -> Taint | None:
-    """Gather (axis 0) or Slice of a 1-D value with constant indices."""
-    if any(any(t) for t in ins[1:]):
-        return None  # an index that depends on the channel count
-    data, n = ins[0], len(ins[0])
-    index = [value_of(i, graph) if i else None for i in node.input[1:]]
-    if node.op_type == "Gather":
-        if int(attr(node, "axis", 0)) != 0 or index[0] is None or \
-                not all(isinstance(i, int) and -n <= i < n for i in index[0]):
-            return None
-        return [data[i] for i in index[0]]
-    if len(index) < 2 or any(v is None or not all(isinstance(x, int) for x in v)
-                             for v in index) or (len(index) > 2 and index[2] not in ([0], [-1])):
-        return None
-    step = index[3][0] if len(index) > 3 else 1
-    return data[slice(index[0][0], index[1][0], step)] if step else None
+        (isinstance(d, int) and not isinstance(k, int)) or
+        (isinstance(d, str) and "*" in d and isinstance(k, str) and "*" not in k
+         and k not in dims) for d, k in zip(dims, known, strict=True))

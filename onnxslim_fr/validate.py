@@ -196,6 +196,7 @@ def _looks_like_scores(value) -> bool:
 
 def _accumulate(err: OutputError, a, b) -> None:
     """Fold one batch of one output into its running error."""
+    a, b = _as_table(a), _as_table(b)
     if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
         same = _nested_equal(a, b)  # sequence / map outputs: equal or not
         err.mismatches += 0 if same else 1
@@ -219,6 +220,19 @@ def _accumulate(err: OutputError, a, b) -> None:
     diff = np.subtract(a64, b64, out=np.zeros_like(a64), where=finite & np.isfinite(b64))
     err.max_abs_error = max(err.max_abs_error, float(np.max(np.abs(diff), initial=0.0)))
     err.scale = max(err.scale, float(np.max(np.abs(a64), where=finite, initial=0.0)))
+
+
+def _as_table(value):
+    """A ZipMap's sequence of {label: probability} maps (scikit-learn classifiers) as a
+    (samples, labels) float array, so it is compared within the tolerance like the tensor
+    it was made from; anything else as it is."""
+    if not isinstance(value, list) or not value or not all(isinstance(d, dict) for d in value):
+        return value
+    keys = sorted(value[0])
+    if any(sorted(d) != keys for d in value) or \
+            not all(isinstance(v, float | int) for d in value for v in d.values()):
+        return value
+    return np.array([[d[k] for k in keys] for d in value], dtype=np.float64)
 
 
 def _nested_equal(a, b) -> bool:

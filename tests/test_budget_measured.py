@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxslim_fr import calibrate, probe, rewrite
+from onnxslim_fr import calibrate, probe, refit, rewrite
 from onnxslim_fr.channels import build_groups
 from onnxslim_fr.cli import main
 from onnxslim_fr.errors import InternalError
@@ -178,3 +178,67 @@ def test_a_failing_probe_exits_3_with_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "sensitivity probe" in err
     assert not out.exists()
+
+
+def test_a_refit_with_fewer_rows_than_channels_does_not_interpolate_them():
+    """A pooled read point (an SE input) gives the refit one row per sample: 32 rows for 64
+    kept channels. The channels are the kept ones plus noise no regressor predicts; the
+    refit must stay near its prior (identity) on new rows, not fit the 32 rows' noise."""
+    rng = np.random.default_rng(0)
+
+    def rows(n: int) -> tuple[np.ndarray, np.ndarray]:
+        s = rng.standard_normal((n, 64))
+        return s + 0.3 * rng.standard_normal((n, 64)), s
+
+    (o, s), (o_new, s_new) = rows(32), rows(2000)
+    paired = refit.PairedStats.empty(64, 64)
+    paired.add(o, s)
+    mix, offset = paired.solve(np.eye(64))
+    error = np.mean((o_new - s_new @ mix.T - offset) ** 2)
+    assert error < 1.25 * np.mean((o_new - s_new) ** 2)  # ridge 1e-4 alone: 1.9x
+    assert refit.ridge_for(64, 32) == 2.0 and refit.ridge_for(8, 10**6) == refit.RIDGE
+
+
+
+def _replanned(trial, keep: np.ndarray, shift: float = 0.0) -> dict:
+    """A new plan object for `trial`'s group keeping `keep`: `trial`'s merge rows when it
+    keeps the same channels (else none), offsets moved by `shift`."""
+    removed = np.setdiff1d(np.arange(trial.size), keep)
+    same = np.array_equal(keep, trial.keep)
+    rows = {t: (mix[removed] if same else np.zeros((len(removed), len(keep))),
+                (offset[removed] if same else 0.0) + shift)
+            for t, (mix, offset) in trial.mix.items()}
+    return removal_plan(trial.size, keep, list(trial.mix), rows, trial.method)
+
+
+def test_a_probe_measures_each_plan_once(monkeypatch):
+    """A search plans again at every step and probes every group at half its channels each
+    time: the same plan is measured once; a different keep set or merge is measured anew."""
+    model, graph, groups, data, plan = _probe_setup()
+    built, real = [], probe.session
+    monkeypatch.setattr(probe, "session", lambda m, *a: built.append(m) or real(m, *a))
+    measure = probe.OutputErrorProbe(model, graph, groups, data.batches[:1])
+    built.clear()
+    (gid, trial), = plan.items()
+    first = measure(plan)
+    assert measure({gid: _replanned(trial, trial.keep)}) == first and len(built) == 1
+    assert measure({gid: _replanned(trial, trial.keep[1:])}) != first and len(built) == 2
+    assert measure({gid: _replanned(trial, trial.keep, 1.0)}) != first and len(built) == 3
+
+
+def test_the_refit_ridge_is_the_one_that_predicts_the_other_half():
+    """The refit fits on half the rows and checks on the other half. Noise no
+    channel predicts takes a large ridge (the prior stays); a real map a small one."""
+    rng = np.random.default_rng(1)
+    mapping = np.eye(16) + 0.5 * rng.standard_normal((16, 16))
+
+    def folds(signal: bool, rows: int) -> refit.Folds:
+        out = refit.Folds.empty(16, 16)
+        s = rng.standard_normal((rows, 16))
+        out.add(s @ mapping.T if signal else s + 0.5 * rng.standard_normal((rows, 16)), s)
+        return out
+
+    mix, _ = folds(True, 400).solve(np.eye(16))
+    np.testing.assert_allclose(mix, mapping, atol=1e-3)
+    mix, _ = folds(False, 24).solve(np.eye(16))
+    assert np.abs(mix - np.eye(16)).max() < 0.1  # ridge 1e-4 fits the noise: ~1

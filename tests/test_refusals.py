@@ -25,7 +25,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from onnxslim_fr import api, atomic, cli, model_io, slim
+from onnxslim_fr import api, atomic, cli, model_io, options, slim
 from onnxslim_fr.cli import main, parser
 from onnxslim_fr.errors import (
     BadDataError,
@@ -136,6 +136,63 @@ def test_report_that_would_overwrite_the_input_weight_file_is_refused(tmp_path, 
     assert digests(tmp_path) == before
 
 
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--report", "calib.npz"], ["--report", "the --data file"]),
+    (["--report", "hold.npz"], ["--report", "the --holdout file"]),
+    (["--plot", "r.png", "--report", "r.png"], ["--plot", "the --report file"]),
+    (["--plot", "out.png"], ["--plot", "the output model"]),
+])
+def test_report_or_plot_that_would_overwrite_data_or_each_other_is_refused(
+        tmp_path, capsys, model_path, no_loading, flags, words):
+    """Seen: `--report calib.npz` replaced the calibration data with JSON at exit 0, and
+    `--plot r.png --report r.png` lost the report to the plot."""
+    pytest.importorskip("matplotlib")
+    for name in ("calib.npz", "hold.npz"):
+        (tmp_path / name).write_bytes(b"data")
+    before = digests(tmp_path)
+    out = "out.png" if "out.png" in flags else "out.onnx"
+    argv = [model_path, tmp_path / out, "--data", tmp_path / "calib.npz", "--holdout",
+            tmp_path / "hold.npz", "--ratio", "0.5",
+            *(tmp_path / f if i % 2 else f for i, f in enumerate(flags))]
+    refused(capsys, argv, *words)
+    assert digests(tmp_path) == before
+
+
+@pytest.mark.parametrize("flag", ["--data", "--holdout"])
+def test_output_that_would_overwrite_the_data_is_refused(tmp_path, capsys, model_path,
+                                                         no_loading, flag):
+    data = tmp_path / "calib.npz"
+    data.write_bytes(b"data")
+    argv = [model_path, data, "--data", data, "--ratio", "0.5"]
+    if flag == "--holdout":
+        argv = [model_path, data, "--data", model_path, "--holdout", data, "--ratio", "0.5"]
+    refused(capsys, argv, "output", f"the {flag} file")
+    with pytest.raises(UsageError, match=f"the {flag} file"):
+        slim(str(model_path), data, **({"data": str(data)} if flag == "--data" else
+                                      {"data": {"x": np.zeros((1, 3, 8, 8), np.float32)},
+                                       "holdout": str(data)}), ratio=0.5)
+    assert data.read_bytes() == b"data"
+
+
+@pytest.mark.parametrize("flag", ["output", "--report"])
+@pytest.mark.parametrize("kind", ["fifo", "link to a fifo"])
+def test_a_target_that_is_not_a_regular_file_is_refused(tmp_path, capsys, model_path,
+                                                        no_loading, flag, kind):
+    """Seen as root: `--report /dev/null` renamed a regular file over /dev/null. A FIFO
+    stands in for the device here; the target must stay what it was."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    target = fifo
+    if kind == "link to a fifo":
+        target = tmp_path / "link"
+        target.symlink_to(fifo)
+    argv = [model_path, target] if flag == "output" else \
+        [model_path, tmp_path / "out.onnx", "--report", target]
+    refused(capsys, argv, flag, "not a regular file")
+    assert fifo.is_fifo() and (kind == "fifo" or target.is_symlink())
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_slim_from_python_refuses_to_overwrite_its_input(tmp_path, model_path):
     before = model_path.read_bytes()
     (tmp_path / "link.onnx").symlink_to(model_path)
@@ -180,6 +237,26 @@ def test_unwritable_output_or_report_is_refused_before_loading(tmp_path, capsys,
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+@pytest.mark.parametrize("flag", ["output", "--report"])
+def test_unwritable_path_is_found_by_creating_a_file_not_by_permission_bits(
+        tmp_path, capsys, model_path, no_loading, monkeypatch, flag):
+    """As root os.access says yes everywhere (and /sys lets nobody create files): the
+    permission bits are made to say yes here, and only a real creation tells."""
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)
+    bad = Path("/proc/self/onnxslim-fr-test.out")
+    argv = [model_path, bad] if flag == "output" else \
+        [model_path, tmp_path / "out.onnx", "--report", bad]
+    refused(capsys, argv, flag, str(bad), "cannot be written")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_writable_check_leaves_no_file_behind(tmp_path, model_path):
+    before = sorted(tmp_path.iterdir())
+    options.check_paths(model_path, tmp_path / "new" / "out.onnx", tmp_path / "r.json")
+    assert sorted(tmp_path.iterdir()) == before
+
+
 OPTION_MISTAKES = [  # (CLI flags, slim() keywords, words the one line must hold)
     (["--data", "d.npz"], {"data": "d.npz"}, ["--ratio", "--max-error", "--max-accuracy-drop"]),
     (["--ratio", "0.5"], {"ratio": 0.5}, ["--ratio", "--data"]),
@@ -192,6 +269,10 @@ OPTION_MISTAKES = [  # (CLI flags, slim() keywords, words the one line must hold
     (["--data", "d.npz", "--ratio", "-0.1"], {"data": "d.npz", "ratio": -0.1}, ["[0, 1)"]),
     (["--data", "d.npz", "--max-error", "0"], {"data": "d.npz", "max_error": 0.0},
      ["--max-error", "> 0"]),
+    (["--data", "d.npz", "--max-error", "inf"], {"data": "d.npz", "max_error": float("inf")},
+     ["--max-error", "finite"]),
+    (["--data", "d.npz", "--max-error", "nan"], {"data": "d.npz", "max_error": float("nan")},
+     ["--max-error", "finite"]),
     (["--data", "d.npz", "--max-accuracy-drop", "-0.01"],
      {"data": "d.npz", "max_accuracy_drop": -0.01}, ["--max-accuracy-drop", "[0, 1]"]),
     (["--data", "d.npz", "--max-accuracy-drop", "2"], {"data": "d.npz", "max_accuracy_drop": 2.0},
@@ -202,6 +283,17 @@ OPTION_MISTAKES = [  # (CLI flags, slim() keywords, words the one line must hold
     (["--input-shape", "x:1x0x8x8"], {"input_shapes": {"x": (1, 0, 8, 8)}},
      ["--input-shape", "positive"]),
 ]
+
+
+def test_plot_into_a_folder_to_be_created_is_written_like_the_model(tmp_path, capsys,
+                                                                    model_path):
+    """Seen: `--plot new/p.png` passed the checks (the model and report create their
+    folders), then failed with exit 2 after the model was written."""
+    pytest.importorskip("matplotlib")
+    fig = tmp_path / "new" / "p.png"
+    assert main([str(model_path), str(tmp_path / "o.onnx"), "--plot", str(fig)]) == 0, \
+        capsys.readouterr().err
+    assert fig.read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize(("flags", "kwargs", "words"), OPTION_MISTAKES)
@@ -242,6 +334,7 @@ def test_usage_mistakes_are_one_line_exit_2(tmp_path, capsys, model_path):
     refused(capsys, [model_path, tmp_path / "o.onnx", "--ratio", "abc"], "--ratio", "'abc'")
     refused(capsys, [model_path], "output path is required")
     refused(capsys, [model_path, tmp_path / "o.onnx", "--inspect"], "--inspect writes nothing")
+    refused(capsys, [model_path, "--inspect", "--plot", tmp_path / "p.png"], "--plot")
 
 
 def test_unknown_input_shape_name_lists_the_real_inputs(tmp_path, capsys, model_path):
@@ -415,6 +508,31 @@ with atomic.staged() as stage:
     stage(sys.argv[2]).write(b"half a model")
     os.kill(os.getpid(), signal.SIGKILL)
 """
+
+
+TWO_RUNS = """
+import sys
+from onnxslim_fr.cli import main
+model, out = sys.argv[1:3]
+print(main([model, out + "/ok.onnx", "-q"]), main([model, out + "/no.onnx", "-q",
+                                                    "--tolerance", "1e-30"]))
+"""
+
+
+def test_a_run_leaves_nothing_in_tmpdir_whether_it_succeeds_or_fails(tmp_path):
+    """onnxruntime's telemetry writes $TMPDIR/.ses at import; sessions and the weight store
+    must leave nothing either, after a written model (exit 0) or a failed validation (1)."""
+    tmp, out = tmp_path / "tmp", tmp_path / "out"
+    tmp.mkdir()
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    proc = subprocess.run([sys.executable, "-c", TWO_RUNS, str(MASKED), str(out)],
+                          env={**env, "TMPDIR": str(tmp)}, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.stdout.split()[-2:] == ["0", "1"], proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["ok.onnx"]
+    assert list(tmp.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tmp"]
 
 
 @pytest.mark.skipif(not atomic._UNNAMED, reason="no O_TMPFILE here")

@@ -4,7 +4,8 @@ Builds the ResNet-50 of ``tools/bench_engine.py`` (seeded He-initialized weights
 redundancy planted), feeds it seeded Gaussian 224x224 images as calibration data (speed
 only: random weights and inputs say nothing about accuracy) and times
 ``slim(ratio=0.3, method=lfrns)`` against one onnxruntime pass over the same images, with
-the time per phase from cProfile and the peak RSS. One row per calibration set size: the
+the time per phase from cProfile, the probes measured and onnxruntime sessions built,
+and the peak RSS. One row per calibration set size: the
 fixed costs (forward selection, sensitivity probes) show at 32 images, the per-sample
 ones (statistics, refit, validation) at 256. Targets (issue 10): slim <= 5 passes at 256
 images; forward selection + probes under 20 s at 32. Wall and CPU seconds are both shown:
@@ -87,6 +88,12 @@ def phase_seconds(stats: pstats.Stats) -> dict[str, float]:
     return out
 
 
+def calls(stats: pstats.Stats, file: str, name: str) -> int:
+    """How often `file:name` ran (primitive calls)."""
+    return sum(v[0] for (path, _, fn), v in stats.stats.items()
+               if path.endswith(file) and fn == name)
+
+
 def bench(model, samples: int, dump: str | None) -> None:
     name = model.graph.input[0].name
     images = np.random.default_rng(0).standard_normal((samples, 3, 224, 224)).astype(np.float32)
@@ -106,12 +113,16 @@ def bench(model, samples: int, dump: str | None) -> None:
     print(f"  {'slim() wall time':<46} {clock.wall:8.2f} s   cpu {clock.cpu:8.2f} s   "
           f"passes {clock.wall / one.wall:.1f} (cpu {clock.cpu / one.cpu:.1f}; target <= "
           f"{PASSES_TARGET:g} at 256)")
-    phases = phase_seconds(pstats.Stats(prof))
+    stats = pstats.Stats(prof)
+    phases = phase_seconds(stats)
     for label, seconds in phases.items():
         print(f"    {label:<44} cpu {seconds:8.2f} s   {seconds / one.cpu:6.1f} passes")
     fixed = sum(phases[k] for k in FIXED)
     print(f"    {'fixed costs (selection + probes)':<44} cpu {fixed:8.2f} s   (target < "
           f"{FIXED_TARGET:g} s at 32)")
+    print(f"  {calls(stats, 'probe.py', '_measure')} probes measured "
+          f"({calls(stats, 'probe.py', '__call__')} asked), "
+          f"{calls(stats, 'runtime.py', 'session')} onnxruntime sessions built")
 
 
 def main() -> None:

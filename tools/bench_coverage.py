@@ -149,7 +149,7 @@ def normalize_reason(reason: str) -> str:
 def coverage(model: onnx.ModelProto, result: Result) -> None:
     prods = producer_channels(model)
     at_output = output_producers(model, set(prods))
-    _, rows = analyze(model)
+    groups, rows = analyze(model)
     grouped: set[str] = set()
     for row in rows:
         names = row["producers"]
@@ -158,7 +158,11 @@ def coverage(model: onnx.ModelProto, result: Result) -> None:
         if not names or any(p in at_output for p in names) or \
                 (frozen or "").startswith("reaches graph output"):
             continue
-        channels = row["size"] * len(names)
+        # a group repeats in a producer's output once per piece of a grouped Conv
+        channels = row["size"] * (sum(
+            sum(s.group == row["id"] for s in groups.layouts[m.tensor].segments)
+            for m in groups.groups[row["id"]].members if m.role.name == "PRODUCER")
+            or len(names))
         result.producer_channels += channels
         if frozen is None:
             result.unfrozen += channels

@@ -16,7 +16,10 @@ the top freeze reasons (the measures of ``tools/bench_coverage.py``)::
 
     python tools/heldout_sweep.py [--dir /tmp/heldout] [--models NAME ...] [--no-export]
         [--no-calibrated] [--paddle-python /tmp/venv-exp/bin/python]
-        [--tf-python /tmp/venv-exp-tf/bin/python]
+        [--tf-python /tmp/venv-exp-tf/bin/python] [--second --skl-python PY]
+
+``--second`` (with ``--dir /tmp/heldout2``) builds and sweeps the second set
+(``tools/heldout_export2.py``: scikit-learn MLPs, more Keras / Paddle / torch patterns).
 
 The Paddle and TensorFlow environments (kept out of the project's dependencies)::
 
@@ -74,12 +77,22 @@ def _images(n: int, side: int, seed: int) -> np.ndarray:
     return (arr - 0.45) / 0.25
 
 
+def _digits(n: int, seed: int) -> np.ndarray:
+    """Rows of scikit-learn's 8x8 digits (what the skl2onnx models were trained on)."""
+    from sklearn.datasets import load_digits
+
+    x = load_digits().data.astype(np.float32)
+    return x[np.random.default_rng(seed).permutation(len(x))[:n]]
+
+
 def make_feeds(model: onnx.ModelProto, n: int, seed: int) -> dict[str, np.ndarray]:
-    """Inputs for the model's single input: images, token ids or signals."""
+    """Inputs for the model's single input: images, token ids, digits or signals."""
     inp = model.graph.input[0]
     tt = inp.type.tensor_type
     dims = [d.dim_value or 1 for d in tt.shape.dim][1:]
     rng = np.random.default_rng(seed)
+    if model.producer_name.startswith("skl2onnx") and dims == [64]:
+        return {inp.name: _digits(n, seed)}
     if tt.elem_type in (onnx.TensorProto.INT32, onnx.TensorProto.INT64):
         dtype = np.int32 if tt.elem_type == onnx.TensorProto.INT32 else np.int64
         return {inp.name: rng.integers(0, 200, (n, *dims)).astype(dtype)}
@@ -91,8 +104,18 @@ def make_feeds(model: onnx.ModelProto, n: int, seed: int) -> dict[str, np.ndarra
 
 
 def run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Every output as an array: a ZipMap's list of {class: probability} becomes a matrix."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
+    outs = sess.run(None, feeds)
+    return [np.array([[d[k] for k in sorted(d)] for d in o]) if isinstance(o, list) else o
+            for o in outs]
+
+
+def top1(out: np.ndarray) -> np.ndarray:
+    """Predicted class per sample: a label output as it is, scores by their argmax."""
+    if out.dtype.kind in "iu" and out.ndim == 1:
+        return out
+    return out.reshape(len(out), -1).argmax(1)
 
 
 def rel_error(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -101,6 +124,7 @@ def rel_error(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     for x, y in zip(a, b, strict=True):
         if x.shape != y.shape:
             return float("inf")
+        x, y = x.astype(np.float64), y.astype(np.float64)
         errs.append(float(np.abs(x - y).max() / max(float(np.abs(x).max()), 1e-12)))
     return max(errs, default=0.0)
 
@@ -184,8 +208,7 @@ def calibrated_row(path: Path, tmp: Path, calib: dict, test: dict, result: Resul
     r = json.loads(rep.read_text())
     kept = r["flops_after"] / r["flops_before"] if r["flops_before"] else float("nan")
     before, after = run(path, test), run(out, test)
-    agree = float(np.mean(before[0].reshape(len(before[0]), -1).argmax(1)
-                          == after[0].reshape(len(after[0]), -1).argmax(1)))
+    agree = float(np.mean(top1(before[0]) == top1(after[0])))
     mine = rel_error(before, after)
     if mine > 2 * max(r["max_rel_error"], 1e-6):  # the report must not understate the error
         result.crashes += 1
@@ -253,13 +276,13 @@ def render(rows: list[tuple[Result, str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def export(out: Path, pythons: dict[str, str]) -> None:
+def export(out: Path, pythons: dict[str, str], script: str) -> None:
     """Run each framework's exporter in its own interpreter; a missing one is skipped."""
     for framework, python in pythons.items():
         if not python or not Path(python).exists():
             print(f"no interpreter for {framework}: its models are skipped", file=sys.stderr)
             continue
-        subprocess.run([python, str(HERE / "heldout_export.py"), framework, "--out", str(out)],
+        subprocess.run([python, str(HERE / script), framework, "--out", str(out)],
                        check=False, capture_output=True)
 
 
@@ -273,11 +296,17 @@ def main() -> None:
                         help="sweep copies with one dead channel per producer (DIR/planted)")
     parser.add_argument("--paddle-python", default="/tmp/venv-exp/bin/python")
     parser.add_argument("--tf-python", default="/tmp/venv-exp-tf/bin/python")
+    parser.add_argument("--skl-python", default="/tmp/venv-skl/bin/python")
+    parser.add_argument("--second", action="store_true",
+                        help="the second set (tools/heldout_export2.py, scikit-learn too)")
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     if not args.no_export:
-        export(args.dir, {"torch": sys.executable, "paddle": args.paddle_python,
-                          "keras": args.tf_python})
+        pythons = {"torch": sys.executable, "paddle": args.paddle_python,
+                   "keras": args.tf_python}
+        if args.second:
+            pythons["sklearn"] = args.skl_python
+        export(args.dir, pythons, "heldout_export2.py" if args.second else "heldout_export.py")
     paths = sorted(args.dir.glob("*.onnx"))
     if args.plant:
         (args.dir / "planted").mkdir(exist_ok=True)

@@ -23,7 +23,7 @@ their spin-waits cost a lot on a shared machine: the selection runs on one BLAS 
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import lapack, solve_triangular
+from scipy.linalg import blas, lapack, solve_triangular
 from threadpoolctl import threadpool_limits
 
 POOL = 128  # candidates per round
@@ -85,7 +85,7 @@ def _round(points: list[_Point], pool: list[int], outside: float
         open_[jj] = False
         picked.append((pool[jj], float(sum(s.select(jj) for s in states))))
     for p, s in zip(points, states, strict=True):
-        p.commit(s)
+        p.commit(s, pool)
     return picked
 
 
@@ -99,19 +99,22 @@ def fanout_factor(q: np.ndarray) -> np.ndarray:
 
 
 class _Pool:
-    """One point's view of a round: A and Y = A B on the pool rows, and the picks."""
+    """One point's view of a round: A and Y = A B on the pool rows, and the picks.
 
-    def __init__(self, cols: np.ndarray, pool: list[int], y: np.ndarray, tol: float) -> None:
-        self.cols = cols  # A[:, pool] at the round's start, C x p
-        self.a = cols[pool].copy()  # A[pool, pool], updated per pick
-        self.y = y.copy()  # (A B)[pool], updated per pick
+    The rank-one updates run in place (BLAS ger on the transposed, Fortran-ordered views):
+    numpy's ``a -= np.outer(u, v)`` writes a temporary and reads it back, three passes
+    over Y per pick instead of one."""
+
+    def __init__(self, a: np.ndarray, y: np.ndarray, tol: float) -> None:
+        self.a = np.asfortranarray(a)  # A[pool, pool], updated per pick (symmetric)
+        self.yt = np.asfortranarray(y.T)  # (A B)[pool] transposed, r x p, updated per pick
         self.tol = tol
         self.picks: list[int] = []  # pool positions this point explained (A_jj > tol)
         self.factor: list[np.ndarray] = []  # their factor columns on the pool rows
 
     def gains(self) -> np.ndarray:
         a = np.diag(self.a)
-        b = np.einsum("ij,ij->i", self.y, self.y)
+        b = np.einsum("ij,ij->j", self.yt, self.yt)
         live = a > self.tol  # a channel the selected ones already explain gains nothing
         return np.where(live, b / np.where(live, a, 1.0), 0.0)
 
@@ -119,10 +122,10 @@ class _Pool:
         d = self.a[jj, jj]
         if d <= self.tol:
             return 0.0
-        u, yj = self.a[:, jj].copy(), self.y[jj].copy()
+        u, yj = self.a[:, jj].copy(), self.yt[:, jj].copy()
         gain = float(yj @ yj) / d
-        self.a -= np.outer(u, u / d)
-        self.y -= np.outer(u, yj / d)
+        blas.dger(-1.0 / d, u, u, a=self.a, overwrite_a=True)
+        blas.dger(-1.0 / d, yj, u, a=self.yt, overwrite_a=True)
         self.picks.append(jj)
         self.factor.append(u / np.sqrt(d))
         return gain
@@ -149,17 +152,20 @@ class _Point:
         return np.where(live, np.maximum(b, 0.0) / np.where(live, a, 1.0), 0.0)
 
     def pool_state(self, pool: list[int]) -> _Pool:
-        f = self.factor[:, :self.taken]
-        cols = self.sigma[pool].T - f @ f[pool].T  # Σ is symmetric: rows gather faster
-        return _Pool(cols, pool, self.y[pool], self.tol)
+        """A on the pool only (p x p): the columns of every channel are needed for the
+        picks alone, at the commit (C x m, not C x p: half the work of a round)."""
+        f = self.factor[pool, :self.taken]
+        return _Pool(self.sigma[np.ix_(pool, pool)] - f @ f.T, self.y[pool], self.tol)
 
-    def commit(self, state: _Pool) -> None:
+    def commit(self, state: _Pool, pool: list[int]) -> None:
         """Fold the round's picks into F, Y and the diagonals for every channel."""
         if not state.picks:
             return
+        picked = [pool[jj] for jj in state.picks]
+        f = self.factor[:, :self.taken]
+        cols = self.sigma[picked].T - f @ f[picked].T  # A[:, picked]; Σ symmetric: rows
         lower = np.stack(state.factor, axis=1)[state.picks]  # m x m, lower triangular
-        new = solve_triangular(lower, state.cols[:, state.picks].T, lower=True,
-                               check_finite=False).T  # C x m
+        new = solve_triangular(lower, cols.T, lower=True, check_finite=False).T  # C x m
         self.factor[:, self.taken:self.taken + new.shape[1]] = new
         self.taken += new.shape[1]
         self.y -= new @ (new.T @ self.b)

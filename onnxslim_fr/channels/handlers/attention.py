@@ -101,4 +101,31 @@ class SoftmaxHandler(OpHandler):
         ctx.set_layout(node.output[0], lay)
 
 
-HANDLERS = (SoftmaxHandler(),)
+class HeadSelectHandler(OpHandler):
+    """``Where(IsNaN(P), 0, P)`` after Softmax (scaled_dot_product_attention with a mask,
+    both exporters; a fully masked row is NaN) and ``Where(mask, scores, -inf)``: element
+    by element, so each head's values come from the same head of the tracked inputs (one
+    group, at one axis) and from untracked inputs broadcast along the heads. Heads only,
+    like Softmax: exact lumping reasons about whole heads, not per-channel relations."""
+
+    ops = ("IsNaN", "Where")
+
+    def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        rank = ctx.rank(node.output[0])
+        tracked = [(n, ctx.layout(n)) for n in node.input if ctx.layout(n) is not None]
+        lay = tracked[0][1]
+        for name, other in tracked:
+            if ctx.rank(name) != rank or other.axis != lay.axis or \
+                    any(ctx.unit(g) == 1 for g in other.groups()):
+                raise Unsupported(f"{node.op_type} of channels that are not attention heads")
+            lay = ctx.unify(lay, other, node.op_type) if other is not lay else lay
+        for name in node.input:
+            shape = ctx.graph.shape(name) if ctx.layout(name) is None else None
+            if ctx.layout(name) is None and (shape is None or (
+                    lay.axis - (rank - len(shape)) >= 0 and
+                    shape[lay.axis - (rank - len(shape))] != 1)):
+                raise Unsupported(f"{node.op_type} with a tensor that varies along the heads")
+        ctx.set_layout(node.output[0], lay)
+
+
+HANDLERS = (SoftmaxHandler(), HeadSelectHandler())

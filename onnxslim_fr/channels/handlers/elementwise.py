@@ -66,6 +66,9 @@ def _general(node: onnx.NodeProto, graph: Graph, a: float) -> Fn:
         return lambda x: 0.5 * x * (1 + erf(x / np.sqrt(2)))
     if op == "Cast":
         return _cast(int(attr(node, "to", onnx.TensorProto.FLOAT)))
+    if op == "Pow":  # x ** 3 of a decomposed tanh GELU (GPT-2's gelu_new)
+        e = float(graph.const(node.input[1]).reshape(-1)[0])
+        return lambda x: np.power(x, e)
     table: dict[str, Fn] = {
         "Sigmoid": _sigmoid,
         "HardSwish": lambda x: x * np.clip(x / 6 + 0.5, 0.0, 1.0),
@@ -119,7 +122,7 @@ def _clip_bounds(node: onnx.NodeProto, graph: Graph) -> tuple[float, float]:
 class ActivationHandler(OpHandler):
     ops = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu",
            "Softplus", "Softsign", "Clip", "Gelu", "Erf", "Mish", "Identity", "Dropout",
-           "Neg", "Abs", "Exp", "Sin", "Asinh", "Atan", "Cast")
+           "Neg", "Abs", "Exp", "Sin", "Asinh", "Atan", "Cast", "Pow")
 
     def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         if node.op_type == "Dropout" and len([o for o in node.output if o]) > 1 \
@@ -129,6 +132,10 @@ class ActivationHandler(OpHandler):
             raise Unsupported("Cast to a non-float type")
         if node.op_type == "Clip":
             _clip_bounds(node, ctx.graph)
+        if node.op_type == "Pow" and (ctx.layout(node.input[1]) is not None or
+                                      ctx.graph.const(node.input[1]) is None or
+                                      ctx.graph.const(node.input[1]).size != 1):
+            raise Unsupported("Pow with an exponent that is not one constant")
         ctx.set_layout(node.output[0], ctx.layout(node.input[0]))
 
     def transfer(self, node: onnx.NodeProto, graph: Graph) -> Transfer:

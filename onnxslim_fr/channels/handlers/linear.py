@@ -27,6 +27,7 @@ from .base import (
     known,
     require_plain,
 )
+from .grouped import block_diagonal, diagonal_blocks, grouped_conv
 
 
 class LinearHandler(OpHandler):
@@ -110,13 +111,18 @@ class ConvHandler(LinearHandler):
             require_plain(ctx, node.input[0])
             ctx.set_layout(node.output[0], lay)
             ctx.add_member(node, Role.CARRIER, node.output[0])
+        elif node.op_type == "Conv":
+            grouped_conv(node, ctx, group, int(w.shape[0]))
         else:
             raise Unsupported(f"grouped {node.op_type} (group={group}): each group mixes only "
                               f"its own channels, so a plan would have to remove the same "
                               f"number from every group")
 
     def starts_group(self, node: onnx.NodeProto, graph: Graph) -> bool:
-        return super().starts_group(node, graph) and int(attr(node, "group", 1)) == 1
+        w = self._weight_const(node, graph)
+        return super().starts_group(node, graph) and (
+            int(attr(node, "group", 1)) == 1 or
+            (node.op_type == "Conv" and not self._depthwise(node, w)))
 
     @staticmethod
     def _depthwise(node: onnx.NodeProto, w: np.ndarray) -> bool:
@@ -150,7 +156,11 @@ class ConvHandler(LinearHandler):
         return self._outputs(node, w) if w else None
 
     def weight(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray:
-        return self._canonical(graph.const(node.input[1]))
+        w = graph.const(node.input[1])
+        group = int(attr(node, "group", 1))
+        if group > 1 and node.op_type == "Conv" and not self._depthwise(node, w):
+            return block_diagonal(w, group)
+        return self._canonical(w)
 
     def bias(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray:
         if len(node.input) > 2 and node.input[2]:
@@ -176,8 +186,13 @@ class ConvHandler(LinearHandler):
                 rw.stage(node.input[2], b[keep])
             rw.set_attr(node, "group", len(keep))
             return
-        w, b = self._fold_and_slice(node, self._canonical(w), b, rw)
-        rw.stage(node.input[1], np.ascontiguousarray(self._canonical(w)))
+        group = int(attr(node, "group", 1))
+        if group > 1 and node.op_type == "Conv":
+            w, b = self._fold_and_slice(node, block_diagonal(w, group), b, rw)
+            rw.stage(node.input[1], diagonal_blocks(w, group, node.name))
+        else:
+            w, b = self._fold_and_slice(node, self._canonical(w), b, rw)
+            rw.stage(node.input[1], np.ascontiguousarray(self._canonical(w)))
         _write_bias(node, 2, b, rw)
 
 

@@ -5,12 +5,16 @@ channels-last LayerNorm, a transformer's pre-norm, GroupNorm in diffusion UNets)
 They freeze the channels they read with a reason that says so. The output is untracked: a
 residual Add of it with tracked channels then freezes those too, which is right, since the
 normalized channels feed the same trunk.
+
+Below opset 18 exporters write GroupNorm as ``Reshape [N, G, -1] -> InstanceNormalization
+-> Reshape back -> Mul gamma -> Add beta``; that Reshape freezes with the same reason.
 """
 
 from __future__ import annotations
 
 import onnx
 
+from ...graph import Graph
 from ..context import AnalysisContext
 from ..structures import Unsupported
 from .base import OpHandler, attr
@@ -29,12 +33,23 @@ class LayerNormHandler(OpHandler):
         raise Unsupported("LayerNormalization of tracked channels over other axes")
 
 
+GROUP_NORM = "GroupNormalization: each group's mean and variance read several channels"
+GROUP_NORM_DECOMPOSED = ("GroupNormalization (Reshape [N, G, -1] -> InstanceNormalization): "
+                         "each group's mean and variance read several channels")
+
+
+def decomposed_group_norm(node: onnx.NodeProto, graph: Graph) -> bool:
+    """A Reshape read only by InstanceNormalization: GroupNorm below opset 18."""
+    users = graph.consumers.get(node.output[0], [])
+    return node.op_type == "Reshape" and bool(users) and \
+        all(u.op_type == "InstanceNormalization" for u in users)
+
+
 class GroupNormHandler(OpHandler):
     ops = ("GroupNormalization",)
 
     def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
-        raise Unsupported("GroupNormalization: each group's mean and variance read several "
-                          "channels")
+        raise Unsupported(GROUP_NORM)
 
 
 #: Handlers that only freeze, with the reason (not in SUPPORTED_OPS).

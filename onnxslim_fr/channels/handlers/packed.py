@@ -20,10 +20,13 @@ gives the first and last Reshapes private targets.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import onnx
 
 from ...graph import Graph
-from ...shape_values import target_shape
+from ...shape_taint import entry_taints
+from ...shape_values import target_shape, value_of
 from ..context import AnalysisContext
 from ..layout import Layout, Segment
 from ..structures import Unsupported
@@ -199,10 +202,68 @@ def batch_heads(node: onnx.NodeProto, ctx: AnalysisContext) -> bool:
     end, (q,), (last,) = found
     if last.input[0] != end or (_dst(last, graph) or [None] * (q + 2))[q + 1] != heads:
         return False
-    if end_target(last, graph, q + 1, heads) is None or start_target(node, graph, a) is None:
+    if not _rewritable(last, graph, ctx.layout, lay, q + 1, heads) or \
+            not _rewritable(node, graph, ctx.layout, lay, None, a - 1):
         raise Unsupported(_DYNAMIC)
     ctx.set_layout(last.output[0], Layout(q + 1, lay.segments))
     return True
+
+
+LayoutOf = Callable[[str], Layout | None]
+
+
+def _rewritable(node: onnx.NodeProto, graph: Graph, layout_of: LayoutOf, lay: Layout,
+                head_axis: int | None, arg: int) -> bool:
+    """A chain end Reshape gets a private constant target, or keeps a computed one that
+    follows the head count by itself (`follows_heads`)."""
+    if head_axis is None:
+        return start_target(node, graph, arg) is not None or \
+            follows_heads(node, graph, layout_of, lay, None, arg)
+    return end_target(node, graph, head_axis, arg) is not None or \
+        follows_heads(node, graph, layout_of, lay, head_axis, arg)
+
+
+def follows_heads(node: onnx.NodeProto, graph: Graph, layout_of: LayoutOf, lay: Layout,
+                  head_axis: int | None, arg: int) -> bool:
+    """A computed target that needs no rewrite, with a dynamic sequence length T (dynamo's
+    Kᵀ: ``[B, H, T, d] -> [-1, T, d]``, then ``Concat(Shape(k)[:2], d, T)``). Start
+    (`head_axis` None, `arg` the merged axis): -1 there, every other entry reads no
+    channels. End (`arg` the head count): the head entry is -1 or reads the head axis of a
+    tensor with the same heads through Shape (so it follows their new count); the others
+    read no channels. Reads of other channels, or 0 entries, are refused."""
+    value = value_of(node.input[1], graph)
+    if value is None or 0 in value or (head_axis is not None and head_axis >= len(value)):
+        return False
+    taints = entry_taints(node.input[1], graph, _seeds(node.input[1], graph, layout_of, lay))
+    if taints is None or len(taints) != len(value):
+        return False
+    if head_axis is None:
+        return value[arg] == -1 and value.count(-1) == 1 and not any(taints)
+    rest = [t for i, t in enumerate(taints) if i != head_axis]
+    head_follows = (value[head_axis] == -1 and value.count(-1) == 1) or \
+        (value[head_axis] == arg and taints[head_axis] and -1 not in value)
+    return head_follows and not any(rest)
+
+
+def _seeds(target: str, graph: Graph, layout_of: LayoutOf, lay: Layout
+           ) -> dict[str, int | None]:
+    """Tensors with channels whose Shape the target reads: their channel axis when they
+    carry the chain's heads (`lay`'s groups, whole heads), None for any other channels."""
+    seeds: dict[str, int | None] = {}
+    todo, seen = [target], set()
+    while todo and len(seen) < 256:
+        node = graph.producer.get(todo.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type not in ("Shape", "Size"):
+            todo.extend(i for i in node.input if i)
+            continue
+        other = layout_of(node.input[0])
+        if other is not None:
+            same = other.segments == lay.segments and other.outer == lay.outer
+            seeds[node.input[0]] = other.axis if same and node.op_type == "Shape" else None
+    return seeds
 
 
 def start_target(node: onnx.NodeProto, graph: Graph, axis: int) -> list[int] | None:

@@ -11,13 +11,23 @@ import onnx
 
 from ...errors import InternalError
 from ...graph import Graph
-from ...shape_values import channel_dependent, target_shape, value_of
+from ...shape_taint import channel_dependent
+from ...shape_values import target_shape, value_of
 from ..context import AnalysisContext
 from ..layout import Layout, Segment, concat, opaque
 from ..reshape_map import AxisMove, move_axis, unify
 from ..structures import Unsupported
 from .base import OpHandler, RewriteContext, attr
-from .packed import batch_heads, end_target, merged_heads, packed_split, packed_target, start_target
+from .normalization import GROUP_NORM_DECOMPOSED, decomposed_group_norm
+from .packed import (
+    batch_heads,
+    end_target,
+    follows_heads,
+    merged_heads,
+    packed_split,
+    packed_target,
+    start_target,
+)
 from .split import rewrites_bounds
 
 
@@ -64,7 +74,8 @@ class ReshapeHandler(OpHandler):
             return
         move = move_axis(list(src), list(dst), lay.axis)
         if move is None:
-            raise Unsupported(_why_mixed(list(dst)))
+            raise Unsupported(GROUP_NORM_DECOMPOSED if decomposed_group_norm(node, ctx.graph)
+                              else _why_mixed(list(dst)))
         if move.split:
             if len(move.split) != 2 or not packed_split(node, ctx, *move.split,
                                                         move.out_axes[0]):
@@ -114,14 +125,21 @@ def _tracked(rw: RewriteContext, name: str) -> bool:
 
 def _rewrite_chain_end(node: onnx.NodeProto, rw: RewriteContext) -> None:
     """First or last Reshape of a chain whose inner tensors have no layout (packed.py)."""
+    layout_of = lambda name: rw.layout(name) if _tracked(rw, name) else None  # noqa: E731
     if _tracked(rw, node.output[0]):
         lay = rw.new_layout(node.output[0])
         target = end_target(node, rw.analysis, lay.axis, lay.channels)
+        follows = follows_heads(node, rw.analysis, layout_of, rw.layout(node.output[0]),
+                                lay.axis, rw.layout(node.output[0]).channels)
     else:
         axis = rw.layout(node.input[0]).axis
         grows = len(rw.analysis.shape(node.output[0]) or ()) > len(
             rw.analysis.shape(node.input[0]) or ())
         target = (packed_target if grows else start_target)(node, rw.analysis, axis)
+        follows = not grows and follows_heads(node, rw.analysis, layout_of,
+                                              rw.layout(node.input[0]), None, axis - 1)
+    if target is None and follows:
+        return  # a computed target that reads the new head count by itself
     if target is None:
         raise InternalError(f"Reshape {node.name}: no private target")
     rw.add_input(node, 1, np.asarray(target, dtype=np.int64))
@@ -145,7 +163,7 @@ def _target_entry(node: onnx.NodeProto, graph: Graph, axis: int
     if graph.const(target) is not None:
         return node, 1, axis
     maker = graph.producer.get(target)
-    if maker is not None and maker.op_type == "Concat" and graph.users(target) == 1:
+    if maker is not None and maker.op_type == "Concat":
         start = 0
         for k, part in enumerate(maker.input):
             length = (graph.shape(part) or (None,))[0]
@@ -153,7 +171,9 @@ def _target_entry(node: onnx.NodeProto, graph: Graph, axis: int
                 break
             if start <= axis < start + length:
                 if graph.const(part) is not None:
-                    if graph.users(part) > 1 and int(graph.const(part)[axis - start]) > 0:
+                    # a literal in a part or a Concat other nodes read too: not here
+                    if int(graph.const(part)[axis - start]) > 0 and \
+                            max(graph.users(part), graph.users(target)) > 1:
                         return _privately(node, graph, axis)
                     return maker, k, axis - start
                 if _private_target(node, graph, axis) is not None:
@@ -187,7 +207,8 @@ def _private_target(node: onnx.NodeProto, graph: Graph, axis: int, size: int | N
     if src is None or dst is None or len(src) < axis:
         return None
     dst = unify(list(src), list(dst))  # one unmatched symbol each: the same size
-    before = [0 if src[i] == dst[i] else -1 for i in range(axis)]
+    before = [0 if src[i] == dst[i] else dst[i] if isinstance(dst[i], int) and dst[i] > 0
+              else -1 for i in range(axis)]  # GPT-2's ['B*16', C] -> [B, 16, C]: [-1, 16, C]
     after = list(dst[axis + 1:])
     if before.count(-1) > 1 or not all(isinstance(d, int) and d > 0 for d in after):
         return None
