@@ -231,26 +231,31 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-#: ai.onnx.ml ops whose float output has their input's shape; onnx infers none of them, so
-#: a scikit-learn pipeline's Scaler left every layer after it without shapes (no groups).
-_ML_SAME_SHAPE = ("Scaler", "Normalizer", "Binarizer", "Imputer")
+#: Ops whose output has their input's shape that onnx infers nothing for: a scikit-learn
+#: pipeline's Scaler left every layer after it without shapes (no groups), and onnx 1.23
+#: gives GroupNormalization-21 no output type (the model was refused, not frozen).
+_SAME_SHAPE = {("ai.onnx.ml", "Scaler"), ("ai.onnx.ml", "Normalizer"),
+               ("ai.onnx.ml", "Binarizer"), ("ai.onnx.ml", "Imputer"),
+               ("", "GroupNormalization"), ("ai.onnx", "GroupNormalization")}
 
 
 def _ml_shapes(model: onnx.ModelProto) -> bool:
-    """Declare the outputs of _ML_SAME_SHAPE nodes with their input's shape; True when one
-    was added (inference then runs again from there)."""
+    """Declare the outputs of _SAME_SHAPE nodes with their input's type and shape; True
+    when one was added (inference then runs again from there)."""
     g = model.graph
     typed = {v.name: v for v in [*g.input, *g.value_info, *g.output]}
     added = False
     for node in g.node:
-        if node.domain != "ai.onnx.ml" or node.op_type not in _ML_SAME_SHAPE:
+        if (node.domain, node.op_type) not in _SAME_SHAPE:
             continue
         src, out = typed.get(node.input[0]), typed.get(node.output[0])
         if src is None or not src.type.tensor_type.HasField("shape") or \
                 (out is not None and out.type.tensor_type.HasField("shape")):
             continue
-        info = onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)
-        info.type.tensor_type.shape.CopyFrom(src.type.tensor_type.shape)
+        info = onnx.ValueInfoProto(name=node.output[0])
+        info.type.CopyFrom(src.type)
+        if node.domain == "ai.onnx.ml":  # float output whatever the input (int Imputer)
+            info.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
         if out is not None and out in g.output:
             out.type.CopyFrom(info.type)
         else:
@@ -260,19 +265,36 @@ def _ml_shapes(model: onnx.ModelProto) -> bool:
 
 
 def _infer_into(model: onnx.ModelProto) -> None:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=True,
-                                                     data_prop=True)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise BadModelError(f"shape inference failed: {first}") from None
-    except (RuntimeError, ValueError) as exc:  # onnx's C++ inference can fail oddly
-        raise BadModelError(f"shape inference failed: {type(exc).__name__}: {exc}") from None
+    rounds = sum((n.domain, n.op_type) in _SAME_SHAPE for n in model.graph.node)
+    for left in range(rounds, -1, -1):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=True,
+                                                         data_prop=True)
+            break
+        except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+            if left and _lenient_same_shapes(model):  # an op onnx leaves untyped: declare it
+                continue
+            first = str(exc).strip().splitlines()[0]
+            raise BadModelError(f"shape inference failed: {first}") from None
+        except (RuntimeError, ValueError) as exc:  # onnx's C++ inference can fail oddly
+            raise BadModelError(f"shape inference failed: {type(exc).__name__}: {exc}") from None
     g = model.graph
     del g.value_info[:]
     g.value_info.extend(inferred.graph.value_info)
     for out, typed in zip(g.output, inferred.graph.output, strict=True):
         out.type.CopyFrom(typed.type)
+
+
+def _lenient_same_shapes(model: onnx.ModelProto) -> bool:
+    """Shapes as far as lenient inference gets, then the _SAME_SHAPE outputs it stopped at
+    declared; True when one was (strict inference can then go past it)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model), data_prop=True)
+    except Exception:  # the strict error is the one worth reporting
+        return False
+    known = {v.name for v in model.graph.value_info}
+    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known)
+    return _ml_shapes(model)
 
 
 def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto:
