@@ -351,3 +351,53 @@ def test_width_literal_in_a_shared_computed_target_is_never_left_stale():
     assert w1.shape == (D, F - 1)
     onnx.checker.check_model(result.model, full_check=True)
     assert_same_function(model, result.model, feeds=feeds, rtol=1e-5, atol=1e-5)
+
+
+def _shared_view_target_model() -> onnx.ModelProto:
+    """GPT-2's views as the dynamo exporter writes them with a dynamic sequence length:
+
+        x [B, T, 4] ─ Reshape [-1, 4] ─┬ Gemm W1 (6; 5 = 0) ─ view ─ Relu ─ MatMul ─┐
+                                       └ Gemm W3 (6) ────────────── view ─ MatMul ─ Add ─ y
+        view = Reshape(·, Concat(Shape(x)[0:1], Shape(x)[1:2], [6]))   one Concat, both views
+
+    ``['B*T', 6] -> [B, T, 6]`` has no private constant target (two symbols before the
+    channel axis), and the Concat with its literal 6 is read by both views."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((4, 6)).astype(np.float32)
+    w1[:, 5] = w1[:, 0]
+    inits = [numpy_helper.from_array(a, n) for a, n in (
+        (w1, "w1"), (rng.standard_normal((4, 6)).astype(np.float32), "w3"),
+        (rng.standard_normal((6, 3)).astype(np.float32), "w2"),
+        (rng.standard_normal((6, 3)).astype(np.float32), "w4"),
+        (np.array([-1, 4], np.int64), "flat"), (np.array([6], np.int64), "six"))]
+    nodes = [
+        helper.make_node("Reshape", ["x", "flat"], ["xf"]),
+        helper.make_node("Shape", ["x"], ["b"], start=0, end=1),
+        helper.make_node("Shape", ["x"], ["t"], start=1, end=2),
+        helper.make_node("Concat", ["b", "t", "six"], ["tgt"], axis=0),
+        helper.make_node("Gemm", ["xf", "w1"], ["h1"]),
+        helper.make_node("Reshape", ["h1", "tgt"], ["v1"]),
+        helper.make_node("Relu", ["v1"], ["r1"]),
+        helper.make_node("MatMul", ["r1", "w2"], ["y1"]),
+        helper.make_node("Gemm", ["xf", "w3"], ["h2"]),
+        helper.make_node("Reshape", ["h2", "tgt"], ["v2"]),
+        helper.make_node("MatMul", ["v2", "w4"], ["y2"]),
+        helper.make_node("Add", ["y1", "y2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "shared_view", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                             ["B", "T", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "T", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_views_sharing_one_computed_target_each_get_their_own_and_slim():
+    """Seen on GPT-2 (dynamo, dynamic sequence length): every width behind a shared view
+    target froze ("a value shared with other nodes"); each view now reads its own copy of
+    the Concat and its literal, and the planted duplicate goes at every sequence length."""
+    model = _shared_view_target_model()
+    result = slim(model, latency_runs=0)
+    assert sum(g["size"] - g["kept"] for g in result.report.groups) == 1
+    for t in (1, 5):
+        feeds = {"x": np.random.default_rng(t).standard_normal((2, t, 4)).astype(np.float32)}
+        assert_same_function(model, result.model, feeds=feeds, rtol=1e-5, atol=1e-5)
