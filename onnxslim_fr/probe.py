@@ -25,7 +25,7 @@ from .errors import InternalError
 from .graph import Graph, measured_outputs
 from .lumping.plan import Plan
 from .runtime import first_line, run, session, try_run
-from .subgraph import cut, with_outputs
+from .subgraph import _ElemTypes, cut, with_outputs
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,26 @@ def region(graph: Graph, group: ChannelGroup) -> Region:
                          if t and t not in made and t not in graph.initializers)
             made.update(o for o in node.output if o)
     outputs = [name for name in measured_outputs(graph.model) if name in made]
-    return Region([t for t in reads if t not in made], outputs)
+    return Region(_with_shape_makers(graph, [t for t in reads if t not in made]), outputs)
+
+
+def _with_shape_makers(graph: Graph, reads: list[str]) -> list[str]:
+    """`reads` with computed int64 values (Reshape targets) replaced by what computes them,
+    back to Shape / Size: a plan may rewrite a literal in the Concat of a target, which a
+    cached original value would bypass (GPT-2's views: the probe's Reshape failed)."""
+    types, out, pending = _ElemTypes(graph.model), dict.fromkeys(reads), list(reads)
+    while pending:
+        t = pending.pop()
+        node = graph.producer.get(t)
+        if node is None or node.op_type in ("Shape", "Size") or \
+                types[t] != onnx.TensorProto.INT64:
+            continue
+        del out[t]
+        for i in graph.inputs_of(node):
+            if i and i not in out and i not in graph.initializers:
+                out[i] = None
+                pending.append(i)
+    return list(out)
 
 
 class OutputErrorProbe:

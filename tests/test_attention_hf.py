@@ -401,3 +401,14 @@ def test_views_sharing_one_computed_target_each_get_their_own_and_slim():
     for t in (1, 5):
         feeds = {"x": np.random.default_rng(t).standard_normal((2, t, 4)).astype(np.float32)}
         assert_same_function(model, result.model, feeds=feeds, rtol=1e-5, atol=1e-5)
+
+
+def test_calibrated_probe_of_a_width_behind_a_computed_view_target_runs_its_rewrite():
+    """Seen on GPT-2 (dynamo, dynamic sequence length): the sensitivity probe cut the model
+    after the view target's Concat and fed it the original's value, so the trial model's
+    view still spelled the old width and onnxruntime refused it (exit 3)."""
+    model = _shared_view_target_model()
+    x = np.random.default_rng(0).standard_normal((64, 5, 4)).astype(np.float32)
+    result = slim(model, data={"x": x}, holdout={"x": x[:16]}, ratio=0.3, round_to=1,
+                  latency_runs=0)
+    assert result.report.after.flops < result.report.before.flops
