@@ -262,6 +262,9 @@ def _add_batch(stats: ChannelStats, groups: GroupSet, wanted: list[tuple[str, in
                values: dict[str, np.ndarray], batches: int) -> None:
     """Fold one batch's read-point values into `stats` (`batches` in the whole set)."""
     for tensor, gid in wanted:
+        if is_float(values[tensor].dtype) and not _finite(values[tensor]):  # Pow(0, -1)
+            raise BadDataError(f"the calibration data makes tensor {tensor} NaN or infinite "
+                               "in the original model; give data it computes finite values on")
         for k, _ in occurrences(groups, tensor, gid):  # a repeated group pools them
             lay = groups.layouts[tensor]
             point = stats.points.get((tensor, gid))
