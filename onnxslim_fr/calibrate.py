@@ -25,6 +25,7 @@ from .channels.structures import GroupSet
 from .errors import BadDataError
 from .lumping import head_merge
 from .lumping.consumers import occurrences
+from .moments import Moments
 from .runtime import input_specs, is_float, session
 from .subgraph import with_outputs
 
@@ -210,29 +211,11 @@ def _finite(value: np.ndarray) -> bool:
 
 
 @dataclass
-class PointStats:
-    """Running moments of one group's channels at one read point (positions = samples)."""
-
-    count: int
-    total: np.ndarray
-    gram: np.ndarray
-
-    @property
-    def mean(self) -> np.ndarray:
-        return self.total / max(self.count, 1)
-
-    @property
-    def cov(self) -> np.ndarray:
-        m = self.mean
-        return self.gram / max(self.count, 1) - np.outer(m, m)
-
-
-@dataclass
 class ChannelStats:
-    points: dict[tuple[str, int], PointStats] = field(default_factory=dict)
+    points: dict[tuple[str, int], Moments] = field(default_factory=dict)
     samples: int = 0
     #: attention heads, per feature (lumping/head_merge.py): a head is no channel's multiple
-    features: dict[tuple[str, int], head_merge.FeatureStats] = field(default_factory=dict)
+    features: dict[tuple[str, int], Moments] = field(default_factory=dict)
 
 
 @progress.phase("channel statistics")
@@ -270,8 +253,7 @@ def _add_batch(stats: ChannelStats, groups: GroupSet, wanted: list[tuple[str, in
             point = stats.points.get((tensor, gid))
             if point is None:
                 c = lay.feature_index(k).shape[0]
-                point = stats.points[(tensor, gid)] = PointStats(0, np.zeros(c),
-                                                                 np.zeros((c, c)))
+                point = stats.points[(tensor, gid)] = Moments.empty(c)
             accumulate(point, values[tensor], lay, k,
                        row_stride(values[tensor], lay, k, batches))
             if head_merge.is_heads(groups.groups[gid]):
@@ -293,7 +275,7 @@ def row_stride(value: np.ndarray, lay: Layout, k: int, batches: int) -> int:
     return max(1, rows * batches // (ROWS_PER_CHANNEL * c))
 
 
-def accumulate(point: PointStats, value: np.ndarray, lay: Layout, k: int,
+def accumulate(point: Moments, value: np.ndarray, lay: Layout, k: int,
                stride: int = 1) -> None:
     """Add an activation's count, sums and Gram for segment k's channels to `point`,
     from every `stride`-th observation (row_stride).

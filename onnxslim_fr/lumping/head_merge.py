@@ -35,29 +35,12 @@ import scipy.linalg
 from ..channels.layout import Layout
 from ..channels.structures import ChannelGroup, GroupSet
 from ..graph import Graph
+from ..moments import Moments
 from .consumers import consumers
 from .plan import GroupPlan, Plan, removal_plan
 from .selection import fanout_factor
 
 RIDGE = 1e-6  # relative to the mean variance of the kept features
-
-
-@dataclass
-class FeatureStats:
-    """Running moments of a head group's features at one read point (float64)."""
-
-    count: int
-    total: np.ndarray
-    gram: np.ndarray
-
-    @property
-    def mean(self) -> np.ndarray:
-        return self.total / max(self.count, 1)
-
-    @property
-    def cov(self) -> np.ndarray:
-        m = self.mean
-        return self.gram / max(self.count, 1) - np.outer(m, m)
 
 
 def feature_rows(value: np.ndarray, lay: Layout, k: int) -> np.ndarray:
@@ -76,7 +59,7 @@ def feature_stride(value: np.ndarray, lay: Layout, k: int, batches: int, per_fea
     return max(1, rows * batches // (per_feature * features))
 
 
-def add_features(store: dict[tuple[str, int], FeatureStats], key: tuple[str, int],
+def add_features(store: dict[tuple[str, int], Moments], key: tuple[str, int],
                  value: np.ndarray, lay: Layout, k: int, stride: int = 1) -> None:
     """Add segment k's feature moments of one batch's `value` to `store[key]`: products
     in float32 (BLAS), sums in float64, as calibrate.accumulate does for channels."""
@@ -84,7 +67,7 @@ def add_features(store: dict[tuple[str, int], FeatureStats], key: tuple[str, int
     point = store.get(key)
     if point is None:
         n = rows.shape[1]
-        point = store[key] = FeatureStats(0, np.zeros(n), np.zeros((n, n)))
+        point = store[key] = Moments.empty(n)
     point.count += len(rows)
     point.total += np.ones(len(rows), rows.dtype) @ rows
     point.gram += rows.T @ rows
@@ -223,7 +206,7 @@ class _Selection:
 
 
 def head_models(graph: Graph, groups: GroupSet,
-                features: dict[tuple[str, int], FeatureStats]) -> dict[int, HeadModel]:
+                features: dict[tuple[str, int], Moments]) -> dict[int, HeadModel]:
     """A HeadModel for every unfrozen head group with feature statistics at each read
     point; tied read points (one shared weight) take the statistics of all of them."""
     models: dict[int, HeadModel] = {}
@@ -252,12 +235,10 @@ def _feature_columns(block: np.ndarray) -> np.ndarray:
 
 
 def _pool_ties(points: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], g: ChannelGroup,
-               features: dict[tuple[str, int], FeatureStats]
+               features: dict[tuple[str, int], Moments]
                ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     for tied in g.ties:
-        parts = [features[(t, g.id)] for t in tied]
-        pooled = FeatureStats(sum(p.count for p in parts), sum(p.total for p in parts),
-                              sum(p.gram for p in parts))
+        pooled = Moments.pooled([features[(t, g.id)] for t in tied])
         for t in tied:
             points[t] = (points[t][0], pooled.cov, pooled.mean)
     return points

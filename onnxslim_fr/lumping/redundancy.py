@@ -25,10 +25,11 @@ from sklearn.cluster import AgglomerativeClustering
 from threadpoolctl import threadpool_limits
 
 from .. import progress
-from ..calibrate import ChannelStats, PointStats
+from ..calibrate import ChannelStats
 from ..channels.handlers import handler_for
 from ..channels.structures import ChannelGroup, GroupSet, Role
 from ..graph import Graph
+from ..moments import Moments
 from . import head_merge
 from .budget import CostModel, Measured, allocate, uniform
 from .consumers import consumers, occurrences
@@ -73,9 +74,7 @@ def _pool_ties(points: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], g: 
     """Tied read points (one shared weight folds the plan of each) get the statistics of
     all their samples together, so the least-squares merge is one and the same there."""
     for tied in g.ties:
-        parts = [stats.points[(t, g.id)] for t in tied]
-        pooled = PointStats(sum(p.count for p in parts), sum(p.total for p in parts),
-                            sum(p.gram for p in parts))
+        pooled = Moments.pooled([stats.points[(t, g.id)] for t in tied])
         cov, mean = shrunk(pooled.cov, pooled.count), pooled.mean
         for t in tied:
             points[t] = (points[t][0], cov, mean)
