@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import removed, slim_exact
+from hostile_graphs import OpBuilder
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -27,52 +28,12 @@ B, TQ, TK, D, H, HD = 2, 5, 6, 8, 4, 3
 C = 8
 
 
-class _G:
-    """Nodes and initializers with seeded weights; every node named."""
-
-    def __init__(self, opset: int = 17, seed: int = 0) -> None:
-        self.rng, self.opset = np.random.default_rng(seed), opset
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-
-    def c(self, value: object) -> str:
-        name = f"c{len(self.inits)}"
-        self.inits.append(nh.from_array(np.asarray(value), name))
-        return name
-
-    def op(self, op: str, inputs: list[str], outputs: int = 1, **attrs: object) -> str:
-        name = f"{op.lower()}{len(self.nodes)}"
-        outs = [name] if outputs == 1 else [f"{name}_{i}" for i in range(outputs)]
-        self.nodes.append(h.make_node(op, inputs, outs, name=name, **attrs))
-        return name if outputs == 1 else outs
-
-    def conv(self, x: str, cin: int, cout: int, plant: float = 0.0) -> str:
-        w = (self.rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32)
-        b = (0.1 * self.rng.standard_normal(cout)).astype(np.float32)
-        if plant:  # filter 4 := plant x filter 1
-            w[4], b[4] = plant * w[1], plant * b[1]
-        return self.op("Conv", [x, self.c(w), self.c(b)], pads=[1] * 4, kernel_shape=[3, 3])
-
-    def build(self, outputs: list[str], inputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
-        outs = [h.make_tensor_value_info(o, T.FLOAT, None) for o in outputs]
-        graph = h.make_graph(self.nodes, "hostile", inputs, outs, self.inits)
-        model = h.make_model(graph, opset_imports=[h.make_opsetid("", self.opset)],
-                             ir_version=10)
-        inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.output}
-        for out in model.graph.output:
-            out.type.CopyFrom(inferred[out.name].type)
-            if not out.type.tensor_type.HasField("shape"):  # a computed Split: rank only
-                out.type.tensor_type.shape.dim.extend([onnx.TensorShapeProto.Dimension()] * 4)
-        onnx.checker.check_model(model, full_check=True)
-        return model
-
-
 # attention --------------------------------------------------------------------------------
 def attention(reshape: str = "zeros", kperm: str = "direct", softmax_axis: int = -1,
               mask: str | None = None, cross: bool = False, shared_kv: bool = False,
               opset: int = 17) -> onnx.ModelProto:
     """One attention block, head 3 a copy of head 0 (Q, K and V columns and biases)."""
-    g = _G(opset)
+    g = OpBuilder(opset)
     inner = H * HD
     w = {k: (g.rng.standard_normal((D, inner)) / 3).astype(np.float32) for k in "qkv"}
     b = {k: (0.1 * g.rng.standard_normal(inner)).astype(np.float32) for k in "qkv"}
@@ -104,7 +65,7 @@ def attention(reshape: str = "zeros", kperm: str = "direct", softmax_axis: int =
     return g.build([y], inputs)
 
 
-def _split_heads(g: _G, k: str, r: str, kperm: str, t: int) -> str:
+def _split_heads(g: OpBuilder, k: str, r: str, kperm: str, t: int) -> str:
     """[B,T,H,d] -> [B,H,T,d] (Q, V) or Kᵀ [B,H,d,T], written as `kperm` says."""
     if kperm == "heads first":  # [H,B,T,d], Kᵀ [H,B,d,T]
         return g.op("Transpose", [r], perm=[2, 0, 3, 1] if k == "k" else [2, 0, 1, 3])
@@ -171,11 +132,11 @@ def test_attention_layouts_keep_the_function(make, heads_removed):
 def cnn(middle, opset: int = 17, out_channels: int = C, plant: float = 1.0
         ) -> onnx.ModelProto:
     """x ─ Conv(8, filter 4 := plant x filter 1) ─ Relu ─ middle(g, r) ─ Conv(4)."""
-    g = _G(opset)
-    r = g.op("Relu", [g.conv("x", 3, C, plant=plant)])
+    g = OpBuilder(opset, x=(None, 3, 8, 8))
+    r = g.op("Relu", [g.conv("x", 3, C, plant=[(1, 4, plant)])])
     mid = middle(g, r)
     y = g.conv(mid, out_channels, 4)
-    return g.build([y], [h.make_tensor_value_info("x", T.FLOAT, [None, 3, 8, 8])])
+    return g.build([y])
 
 
 def _slice(starts: int, ends: int, step: int):
@@ -184,14 +145,14 @@ def _slice(starts: int, ends: int, step: int):
 
 
 def _pad(pads: list[int], value: float, axes: list[int] | None = None):
-    def make(g: _G, r: str) -> str:
+    def make(g: OpBuilder, r: str) -> str:
         extra = [g.c(np.array(axes, np.int64))] if axes else []
         return g.op("Pad", [r, g.c(np.array(pads, np.int64)), g.c(np.float32(value)), *extra])
     return make
 
 
 def _layer_norm(axis: int):
-    def make(g: _G, r: str) -> str:
+    def make(g: OpBuilder, r: str) -> str:
         shape = [C, 8, 8][axis:]
         return g.op("LayerNormalization", [r, g.c(np.ones(shape, np.float32)),
                                            g.c(np.zeros(shape, np.float32))], axis=axis)
@@ -200,7 +161,7 @@ def _layer_norm(axis: int):
 
 def _group_norm_decomposed(groups: int):
     """torch's GroupNorm export: Reshape [N, G, -1] ─ InstanceNormalization ─ Reshape back."""
-    def make(g: _G, r: str) -> str:
+    def make(g: OpBuilder, r: str) -> str:
         grouped = g.op("Reshape", [r, g.c(np.array([0, groups, -1], np.int64))])
         normed = g.op("InstanceNormalization", [grouped, g.c(np.ones(groups, np.float32)),
                                                 g.c(np.zeros(groups, np.float32))])
@@ -215,7 +176,7 @@ def _bias(shape: tuple[int, ...]):
                                                         dtype=np.float32).reshape(shape))])
 
 
-def _split_from_shape(g: _G, r: str) -> str:
+def _split_from_shape(g: OpBuilder, r: str) -> str:
     """split = [x.shape[1], 5] = [3, 5]: a Split whose sizes are computed from Shape."""
     three = g.op("Gather", [g.op("Shape", ["x"]), g.c(np.array([1], np.int64))])
     first, second = g.op("Split", [r, g.op("Concat", [three, g.c(np.array([5], np.int64))],
@@ -226,7 +187,7 @@ def _split_from_shape(g: _G, r: str) -> str:
 def _glu(computed: bool):
     """Gated linear unit: first half x sigmoid(second half), the halves cut at C / 2 computed
     from Shape (a Slice) or by an equal Split: removing one channel moves the cut."""
-    def make(g: _G, r: str) -> str:
+    def make(g: OpBuilder, r: str) -> str:
         if not computed:
             first, second = g.op("Split", [r], outputs=2, axis=1)
         else:
@@ -274,7 +235,7 @@ def test_channel_axis_ops_keep_the_function(make, channels_removed, reason):
 def test_group_normalization_opset_21_freezes_instead_of_refusing():
     """Seen: onnx 1.23's strict shape inference gives GroupNormalization-21 no output type,
     and the model was refused as 'shape inference failed'."""
-    def group_norm(g: _G, r: str) -> str:
+    def group_norm(g: OpBuilder, r: str) -> str:
         return g.op("GroupNormalization", [r, g.c(np.ones(C, np.float32)),
                                            g.c(np.zeros(C, np.float32))], num_groups=1)
 
@@ -285,10 +246,10 @@ def test_group_normalization_opset_21_freezes_instead_of_refusing():
 # calibration data --------------------------------------------------------------------------
 def classifier() -> onnx.ModelProto:
     """x ─ Conv(8) ─ Relu ─ GlobalAveragePool ─ Flatten ─ Gemm(10): class scores."""
-    g = _G()
+    g = OpBuilder(x=(None, 3, 8, 8))
     pooled = g.op("Flatten", [g.op("GlobalAveragePool", [g.op("Relu", [g.conv("x", 3, C)])])])
     y = g.op("Gemm", [pooled, g.c(g.rng.standard_normal((C, 10)).astype(np.float32))])
-    return g.build([y], [h.make_tensor_value_info("x", T.FLOAT, [None, 3, 8, 8])])
+    return g.build([y])
 
 
 def test_max_samples_cuts_the_last_batch_of_arrays_too():

@@ -14,9 +14,9 @@ import numpy as np
 import onnx
 import pytest
 from conftest import removed
+from hostile_graphs import OpBuilder
 from onnx import TensorProto as T
 from onnx import helper as h
-from onnx import numpy_helper as nh
 
 from onnxslim_fr import slim
 from onnxslim_fr.cli import main
@@ -25,54 +25,9 @@ from onnxslim_fr.testing import assert_same_function, random_feeds
 C = 8
 
 
-class _G:
-    """Named nodes with seeded weights."""
-
-    def __init__(self, opset: int = 17, rank: int = 4) -> None:
-        self.rng, self.opset, self.rank = np.random.default_rng(0), opset, rank
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-
-    def c(self, value: object) -> str:
-        name = f"c{len(self.inits)}"
-        self.inits.append(nh.from_array(np.asarray(value), name))
-        return name
-
-    def op(self, op: str, inputs: list[str], outputs: int = 1, **attrs: object) -> str:
-        name = f"{op.lower()}{len(self.nodes)}"
-        outs = [name] if outputs == 1 else [f"{name}_{i}" for i in range(outputs)]
-        self.nodes.append(h.make_node(op, inputs, outs, name=name, **attrs))
-        return name if outputs == 1 else outs
-
-    def conv(self, x: str, cin: int, cout: int, group: int = 1,
-             plant: list[tuple[int, int, float]] = ()) -> str:
-        """3x3 conv; each (src, dst, f) in `plant` makes filter dst := f x filter src."""
-        w = self.rng.standard_normal((cout, cin // group, 3, 3)) / np.sqrt(9 * cin / group)
-        b = 0.1 * self.rng.standard_normal(cout)
-        for src, dst, f in plant:
-            w[dst], b[dst] = f * w[src], f * b[src]
-        return self.op("Conv", [x, self.c(w.astype(np.float32)), self.c(b.astype(np.float32))],
-                       pads=[1] * 4, kernel_shape=[3, 3], group=group)
-
-    def relu_conv(self, plant: list[tuple[int, int, float]] = ((1, 4, 1.0),)) -> str:
-        return self.op("Relu", [self.conv("x", C, C, plant=list(plant))])
-
-    def build(self, outputs: list[str], inputs: list | None = None,
-              domains: tuple = ()) -> onnx.ModelProto:
-        inputs = inputs or [h.make_tensor_value_info("x", T.FLOAT, ["b", C, 6, 6])]
-        outs = [h.make_tensor_value_info(o, T.FLOAT, None) for o in outputs]
-        opsets = [h.make_opsetid("", self.opset)] + [h.make_opsetid(d, 1) for d in domains]
-        model = h.make_model(h.make_graph(self.nodes, "hostile", inputs, outs, self.inits),
-                             opset_imports=opsets, ir_version=10)
-        inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.output}
-        for out in model.graph.output:
-            out.type.CopyFrom(inferred[out.name].type)
-            if not out.type.tensor_type.HasField("shape"):  # untyped after GroupNormalization
-                out.type.tensor_type.elem_type = T.FLOAT
-                out.type.tensor_type.shape.dim.extend([onnx.TensorShapeProto.Dimension()] *
-                                                      self.rank)
-        onnx.checker.check_model(model, full_check=True)
-        return model
+def _relu_conv(g: OpBuilder) -> str:
+    """Relu(Conv(x)) with the usual plant: filter 4 := filter 1."""
+    return g.op("Relu", [g.conv("x", C, C, plant=[(1, 4, 1.0)])])
 
 
 def _exact(model: onnx.ModelProto) -> int:
@@ -97,7 +52,7 @@ def _per_piece(group: int, dst: int, f: float) -> list[tuple[int, int, float]]:
 
 
 def grouped(group: int, after: str) -> onnx.ModelProto:
-    g = _G()
+    g = OpBuilder()
     a = g.op("Relu", [g.conv("x", C, C, plant=_per_piece(group, 1, 2.0))])
     y = g.conv(a, C, C, group=group, plant=_per_piece(group, C // group - 1, -0.5))
     y = y if after == "residual" else g.op("Relu", [y])
@@ -128,7 +83,7 @@ def test_grouped_conv_keeps_the_function(group: int, after: str) -> None:
 @pytest.mark.parametrize("exponent", [0, 1, 2, 3, 0.5, -1, [2.0], [[[[3.0]]]]])
 @pytest.mark.parametrize("factor", [1.0, -1.0])
 def test_pow_keeps_the_function(exponent: object, factor: float) -> None:
-    g = _G()
+    g = OpBuilder()
     a = g.op("Relu", [g.conv("x", C, C, plant=[(1, 4, factor)])])
     y = g.op("Pow", [a, g.c(np.asarray(exponent, np.float32))])
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -138,8 +93,8 @@ def test_pow_keeps_the_function(exponent: object, factor: float) -> None:
 
 @pytest.mark.parametrize("kind", ["per-channel", "base", "self"])
 def test_pow_not_one_constant_exponent_freezes(kind: str) -> None:
-    g = _G()
-    a = g.relu_conv()
+    g = OpBuilder()
+    a = _relu_conv(g)
     exponent = g.c((np.arange(C) % 3 + 1).astype(np.float32).reshape(1, C, 1, 1))
     y = {"per-channel": lambda: g.op("Pow", [a, exponent]),
          "base": lambda: g.op("Pow", [g.c(np.float32(2.0)), a]),
@@ -151,8 +106,8 @@ def test_pow_not_one_constant_exponent_freezes(kind: str) -> None:
 @pytest.mark.parametrize("kind", ["isnan", "mask per channel", "mask spatial", "mask from x",
                                   "other per channel", "expand C from 1", "expand to shape"])
 def test_select_and_expand_on_channels(kind: str) -> None:
-    g = _G()
-    a = g.relu_conv()
+    g = OpBuilder()
+    a = _relu_conv(g)
     mask = g.c(g.rng.random((1, C, 1, 1) if kind == "mask per channel" else (1, 1, 6, 6)) > .5)
     if kind == "isnan":
         y = g.op("Where", [g.op("IsNaN", [a]), g.c(np.float32(0)), a])
@@ -175,8 +130,8 @@ def test_select_and_expand_on_channels(kind: str) -> None:
                                   "count of ones", "size"])
 def test_channel_count_arithmetic(kind: str) -> None:
     """A value that depends on the number of channels must not change with it."""
-    g = _G()
-    a = g.relu_conv()
+    g = OpBuilder()
+    a = _relu_conv(g)
     s = g.op("Shape", [a])
     c = g.op("Gather", [s, g.c(_i64(1))], axis=0)
     c1 = g.op("Unsqueeze", [c, g.c(_i64([0]))])
@@ -213,8 +168,8 @@ def test_channel_count_arithmetic(kind: str) -> None:
 @pytest.mark.parametrize("groups", [1, C // 2, C])
 @pytest.mark.parametrize("at_output", [False, True])
 def test_group_normalization_21(groups: int, at_output: bool) -> None:
-    g = _G(opset=21)
-    a = g.relu_conv()
+    g = OpBuilder(opset=21)
+    a = _relu_conv(g)
     y = g.op("GroupNormalization", [a, g.c((1 + g.rng.random(C)).astype("f4")),
                                     g.c((0.1 * g.rng.random(C)).astype("f4"))],
              num_groups=groups, epsilon=1e-5)
@@ -225,7 +180,7 @@ def test_group_normalization_21(groups: int, at_output: bool) -> None:
 @pytest.mark.parametrize("tracked", [False, True])
 def test_scaler_and_matmul(per_feature: bool, tracked: bool) -> None:
     """Scaler before the MatMul (its input) or after it (on the tracked features)."""
-    g = _G(rank=2)
+    g = OpBuilder(rank=2)
     w1 = (g.rng.standard_normal((6, C)) / 2).astype(np.float32)
     w1[:, 5] = 2 * w1[:, 2]  # a Relu-homogeneous multiple
     n = 6 if not tracked else C
@@ -249,7 +204,7 @@ def test_calibration_data_giving_nan_is_refused(tmp_path, capsys, exponent: floa
                                                 relu: bool) -> None:
     """Pow(0, -1) / Pow(-x, 0.5) on the data: was exit 3 (scikit-learn: "Input X contains
     NaN"); now one line that names the tensor, nothing written."""
-    g = _G()
+    g = OpBuilder()
     a = g.conv("x", C, C)
     a = g.op("Relu", [a]) if relu else a
     model = g.build([g.conv(g.op("Pow", [a, g.c(np.float32(exponent))]), C, 4)])

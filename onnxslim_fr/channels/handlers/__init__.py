@@ -8,14 +8,25 @@ from __future__ import annotations
 
 import onnx
 
-from . import affine, attention, elementwise, embedding, linear, recurrent, shape, spatial, split
+from . import (
+    affine,
+    attention,
+    elementwise,
+    embedding,
+    grouped,
+    linear,
+    recurrent,
+    shape,
+    spatial,
+    split,
+)
 from .base import OpHandler
 from .normalization import FREEZING
 
 _BY_OP: dict[str, OpHandler] = {
     op: handler
-    for family in (linear.HANDLERS, affine.HANDLERS, elementwise.HANDLERS, spatial.HANDLERS,
-                   shape.HANDLERS, recurrent.HANDLERS, embedding.HANDLERS,
+    for family in (linear.HANDLERS, grouped.HANDLERS, affine.HANDLERS, elementwise.HANDLERS,
+                   spatial.HANDLERS, shape.HANDLERS, recurrent.HANDLERS, embedding.HANDLERS,
                    split.HANDLERS, attention.HANDLERS, FREEZING)
     for handler in family
     for op in handler.ops

@@ -3,8 +3,9 @@
 A consumer reads its input channels through its weight's input axis, so a plan folds as
 ``W' = W @ mix`` on that axis; the offsets become ``bias += W @ offset``. A producer writes
 one channel per output row, sliced by the plan's keep set. Depthwise Conv and depthwise
-ConvTranspose are carriers. Every handler shows lumping one canonical weight (out, in, ...):
-ConvTranspose's [Cin, Cout, k...] is swapped, MatMul(x, W) is Wᵀ, MatMul(W, x) is W itself.
+ConvTranspose are carriers; Conv with 1 < group < C is in grouped.py. Every handler shows
+lumping one canonical weight (out, in, ...): ConvTranspose's [Cin, Cout, k...] is swapped,
+MatMul(x, W) is Wᵀ, MatMul(W, x) is W itself.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from .base import (
     known,
     require_plain,
 )
-from .grouped import block_diagonal, diagonal_blocks, grouped_conv
 
 
 class LinearHandler(OpHandler):
@@ -44,6 +44,10 @@ class LinearHandler(OpHandler):
     def can_fold_offset(self, node: onnx.NodeProto) -> bool:
         """A constant input offset folds into the bias exactly (no zero padding)."""
         return True
+
+    def params(self, node: onnx.NodeProto, graph: Graph) -> list[str]:
+        """Weight and bias are inputs 1 and 2 (Conv, ConvTranspose, Gemm)."""
+        return [n for n in node.input[1:3] if n]
 
     def _fold_and_slice(self, node: onnx.NodeProto, w: np.ndarray, b: np.ndarray | None,
                         rw: RewriteContext, bias_scale: float = 1.0, data: int = 0
@@ -89,7 +93,8 @@ class LinearHandler(OpHandler):
 
 
 class ConvHandler(LinearHandler):
-    """Conv; ConvTranspose subclasses it with its weight layout and coverage rules."""
+    """Conv with group 1 or depthwise; ConvTranspose subclasses it with its weight layout and
+    coverage rules, grouped.GroupedConvHandler (the registered Conv) with 1 < group < C."""
 
     ops = ("Conv",)
 
@@ -111,18 +116,18 @@ class ConvHandler(LinearHandler):
             require_plain(ctx, node.input[0])
             ctx.set_layout(node.output[0], lay)
             ctx.add_member(node, Role.CARRIER, node.output[0])
-        elif node.op_type == "Conv":
-            grouped_conv(node, ctx, group, int(w.shape[0]))
         else:
-            raise Unsupported(f"grouped {node.op_type} (group={group}): each group mixes only "
-                              f"its own channels, so a plan would have to remove the same "
-                              f"number from every group")
+            self._propagate_grouped(node, ctx, group, w)
+
+    def _propagate_grouped(self, node: onnx.NodeProto, ctx: AnalysisContext, group: int,
+                           w: np.ndarray) -> None:
+        """1 < group < C: refused (GroupedConvHandler follows the pieces of a Conv)."""
+        raise Unsupported(f"grouped {node.op_type} (group={group}): each group mixes only "
+                          f"its own channels, so a plan would have to remove the same "
+                          f"number from every group")
 
     def starts_group(self, node: onnx.NodeProto, graph: Graph) -> bool:
-        w = self._weight_const(node, graph)
-        return super().starts_group(node, graph) and (
-            int(attr(node, "group", 1)) == 1 or
-            (node.op_type == "Conv" and not self._depthwise(node, w)))
+        return super().starts_group(node, graph) and int(attr(node, "group", 1)) == 1
 
     @staticmethod
     def _depthwise(node: onnx.NodeProto, w: np.ndarray) -> bool:
@@ -139,9 +144,6 @@ class ConvHandler(LinearHandler):
         """Output channels from the stored weight's shape."""
         return int(shape[0])
 
-    def params(self, node: onnx.NodeProto, graph: Graph) -> list[str]:
-        return [n for n in node.input[1:3] if n]
-
     def cost(self, node: onnx.NodeProto, graph: Graph, shape_of: ShapeOf
              ) -> tuple[int, int] | None:
         """Each output element reads Cin/group channels over the kernel: the weight's
@@ -156,11 +158,7 @@ class ConvHandler(LinearHandler):
         return self._outputs(node, w) if w else None
 
     def weight(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray:
-        w = graph.const(node.input[1])
-        group = int(attr(node, "group", 1))
-        if group > 1 and node.op_type == "Conv" and not self._depthwise(node, w):
-            return block_diagonal(w, group)
-        return self._canonical(w)
+        return self._canonical(graph.const(node.input[1]))
 
     def bias(self, node: onnx.NodeProto, graph: Graph) -> np.ndarray:
         if len(node.input) > 2 and node.input[2]:
@@ -186,14 +184,14 @@ class ConvHandler(LinearHandler):
                 rw.stage(node.input[2], b[keep])
             rw.set_attr(node, "group", len(keep))
             return
-        group = int(attr(node, "group", 1))
-        if group > 1 and node.op_type == "Conv":
-            w, b = self._fold_and_slice(node, block_diagonal(w, group), b, rw)
-            rw.stage(node.input[1], diagonal_blocks(w, group, node.name))
-        else:
-            w, b = self._fold_and_slice(node, self._canonical(w), b, rw)
-            rw.stage(node.input[1], np.ascontiguousarray(self._canonical(w)))
-        _write_bias(node, 2, b, rw)
+        _write_bias(node, 2, self._fold_weight(node, w, b, rw), rw)
+
+    def _fold_weight(self, node: onnx.NodeProto, w: np.ndarray, b: np.ndarray | None,
+                     rw: RewriteContext) -> np.ndarray | None:
+        """Fold and slice the stored weight `w`, stage it, and return the new bias."""
+        w, b = self._fold_and_slice(node, self._canonical(w), b, rw)
+        rw.stage(node.input[1], np.ascontiguousarray(self._canonical(w)))
+        return b
 
 
 class ConvTransposeHandler(ConvHandler):
@@ -257,9 +255,6 @@ class GemmHandler(LinearHandler):
                 raise Unsupported("Gemm bias is not a per-output constant")
         self._consume(node, ctx, 1)
         self._produce(node, ctx, 1, n)
-
-    def params(self, node: onnx.NodeProto, graph: Graph) -> list[str]:
-        return [n for n in node.input[1:3] if n]
 
     def cost(self, node: onnx.NodeProto, graph: Graph, shape_of: ShapeOf
              ) -> tuple[int, int] | None:
@@ -402,4 +397,4 @@ def _write_bias(node: onnx.NodeProto, index: int, b: np.ndarray | None,
         rw.add_input(node, index, b.reshape(-1))
 
 
-HANDLERS = (ConvHandler(), ConvTransposeHandler(), GemmHandler(), MatMulHandler())
+HANDLERS = (ConvTransposeHandler(), GemmHandler(), MatMulHandler())
