@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
+from scipy.linalg import cho_factor, cho_solve
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
@@ -48,34 +49,83 @@ CACHE_BYTES = 1 << 30  # kept read-point values of both models, all stages
 
 @dataclass
 class PairedStats:
-    """Running sums of (original channels o, slimmed kept channels s) at one read point."""
+    """Running sums of (original channels o, slimmed kept channels s) at one read point,
+    of the values less a shift (their first batch's means; zero for sums built whole).
+
+    Products run in float32 (BLAS, twice float64's speed) and add up in float64: the shift
+    keeps float32's rounding relative to the values' spread, not to a large mean. `kept`
+    (optional) names the columns of o that s's columns are; their cross products are taken
+    as s's Gram plus the drift's (o_kept - s), exactly s's Gram when nothing drifted, so an
+    unslimmed channel fits itself exactly: a near-singular covariance would amplify any
+    rounding difference between ``o.T @ s`` and ``s.T @ s`` past the ridge."""
 
     count: int
-    sum_o: np.ndarray
+    sum_o: np.ndarray  # Σ (o - shift_o)
     sum_s: np.ndarray
-    gram_ss: np.ndarray
+    gram_ss: np.ndarray  # Σ (s - shift_s)(s - shift_s)ᵀ
     cross_os: np.ndarray
+    kept: np.ndarray | None = None
+    shift_o: np.ndarray | None = None  # float32; None: zero
+    shift_s: np.ndarray | None = None
+    shift_d: np.ndarray | None = None  # the kept columns' drift o_kept - s
 
     @classmethod
-    def empty(cls, c: int, k: int) -> PairedStats:
-        return cls(0, np.zeros(c), np.zeros(k), np.zeros((k, k)), np.zeros((c, k)))
+    def empty(cls, c: int, k: int, kept: np.ndarray | None = None) -> PairedStats:
+        return cls(0, np.zeros(c), np.zeros(k), np.zeros((k, k)), np.zeros((c, k)), kept)
 
     def add(self, o: np.ndarray, s: np.ndarray) -> None:
-        """Products in float64: the solve compares `o.T @ s` with `s.T @ s`, and float32
-        rounding (different for the two; BLAS computes the second as a symmetric product)
-        on a near-singular covariance outweighs the ridge and bends an identity fit."""
-        o, s = o.astype(np.float64, copy=False), s.astype(np.float64, copy=False)
+        o, s = np.asarray(o, np.float32), np.asarray(s, np.float32)
+        if len(o) == 0:
+            return
+        kept = np.arange(0) if self.kept is None else self.kept
+        rest = np.setdiff1d(np.arange(o.shape[1]), kept)
+        d = o[:, kept] - s if len(kept) else None
+        if self.shift_s is None:  # the first batch's means (float32: the same shifts below)
+            self.shift_s = _mean32(s)
+            self.shift_o = np.zeros(o.shape[1], np.float32)
+            self.shift_o[rest] = _mean32(o[:, rest])
+            self.shift_d = None if d is None else _mean32(d)
+        sc = s - self.shift_s
+        gram = sc.T @ sc
+        self.gram_ss += gram
+        self.sum_s += np.sum(sc, axis=0, dtype=np.float64)
+        if d is not None:
+            dc = d - self.shift_d
+            oc_kept = sc + dc  # o_kept less its shift: exactly sc when nothing drifted
+            self.cross_os[kept] += gram + dc.T @ sc
+            self.sum_o[kept] += np.sum(oc_kept, axis=0, dtype=np.float64)
+        if len(rest):
+            rc = o[:, rest] - self.shift_o[rest]
+            self.cross_os[rest] += rc.T @ sc
+            self.sum_o[rest] += np.sum(rc, axis=0, dtype=np.float64)
         self.count += len(o)
-        ones = np.ones(len(o))
-        self.sum_o += ones @ o
-        self.sum_s += ones @ s
-        self.gram_ss += s.T @ s
-        self.cross_os += o.T @ s
+
+    @property
+    def shifts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(shift_o, shift_s) in float64; the kept columns' shift is s's plus the drift's."""
+        if self.shift_s is None:
+            return np.zeros(len(self.sum_o)), np.zeros(len(self.sum_s))
+        a, b = self.shift_o.astype(np.float64), self.shift_s.astype(np.float64)
+        if self.shift_d is not None:
+            a[self.kept] = b + self.shift_d.astype(np.float64)
+        return a, b
 
     def merged(self, other: PairedStats) -> PairedStats:
-        return PairedStats(self.count + other.count, self.sum_o + other.sum_o,
-                           self.sum_s + other.sum_s, self.gram_ss + other.gram_ss,
-                           self.cross_os + other.cross_os)
+        """Both sums at zero shift, added (a repeated read point pools its samples)."""
+        a, b = self.unshifted(), other.unshifted()
+        return PairedStats(a.count + b.count, a.sum_o + b.sum_o, a.sum_s + b.sum_s,
+                           a.gram_ss + b.gram_ss, a.cross_os + b.cross_os, self.kept)
+
+    def unshifted(self) -> PairedStats:
+        """The same sums of the values themselves: Σ (x + a)(y + b)ᵀ from Σ x yᵀ, in one
+        formula for every product, so equal inputs stay bitwise equal."""
+        if self.shift_s is None:
+            return self
+        a, b = self.shifts
+        n = self.count
+        return PairedStats(n, self.sum_o + n * a, self.sum_s + n * b,
+                           _unshift(self.gram_ss, self.sum_s, b, self.sum_s, b, n),
+                           _unshift(self.cross_os, self.sum_o, a, self.sum_s, b, n), self.kept)
 
     def solve(self, prior: np.ndarray, ridge: float | None = None
               ) -> tuple[np.ndarray, np.ndarray]:
@@ -84,29 +134,44 @@ class PairedStats:
         the statistics are uninformative (nearly collinear channels) the plan stays as it
         was, and refitting an unslimmed model gives back exactly the identity. `ridge` is
         relative to the regressors' mean variance (None: `ridge_for`)."""
+        if self.shift_s is not None:
+            return self.unshifted().solve(prior, ridge)
         n = max(self.count, 1)
         mo, ms = self.sum_o / n, self.sum_s / n
         cov_ss = self.gram_ss / n - np.outer(ms, ms)
         cov_os = self.cross_os / n - np.outer(mo, ms)
         rel = ridge_for(len(ms), n) if ridge is None else ridge
         lam = rel * max(float(np.trace(cov_ss)) / max(len(ms), 1), 1e-12)
-        mix = np.linalg.solve(cov_ss + lam * np.eye(len(ms)), (cov_os + lam * prior).T).T
+        mix = _ridge_solve(cov_ss + lam * np.eye(len(ms)), (cov_os + lam * prior).T).T
         return mix, mo - mix @ ms
 
     def outputs(self, rows: np.ndarray) -> PairedStats:
         """The statistics of some original channels only: each is its own regression on
         the same kept channels, so a subset estimates a ridge's loss at a fraction of the
         cost."""
-        return PairedStats(self.count, self.sum_o[rows], self.sum_s, self.gram_ss,
-                           self.cross_os[rows])
+        raw = self.unshifted()
+        return PairedStats(raw.count, raw.sum_o[rows], raw.sum_s, raw.gram_ss,
+                           raw.cross_os[rows])
 
     def loss(self, mix: np.ndarray, offset: np.ndarray) -> float:
         """Mean squared error of ``o ≈ mix @ s + offset`` on these rows, less the constant
         mean of |o|² (enough to compare fits)."""
+        if self.shift_s is not None:
+            return self.unshifted().loss(mix, offset)
         n = max(self.count, 1)
         fitted = (float(np.sum((mix @ self.gram_ss) * mix)) + 2 * offset @ (mix @ self.sum_s)
                   + n * offset @ offset)
         return (fitted - 2 * float(np.sum(mix * self.cross_os)) - 2 * offset @ self.sum_o) / n
+
+
+def _mean32(x: np.ndarray) -> np.ndarray:
+    return np.mean(x, axis=0, dtype=np.float64).astype(np.float32)
+
+
+def _unshift(product: np.ndarray, sum_x: np.ndarray, a: np.ndarray, sum_y: np.ndarray,
+             b: np.ndarray, n: int) -> np.ndarray:
+    """Σ (x + a)(y + b)ᵀ from Σ x yᵀ and the sums of x and y."""
+    return product + np.outer(sum_x, b) + np.outer(a, sum_y) + n * np.outer(a, b)
 
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # relative ridges a refit chooses among
@@ -128,8 +193,8 @@ class Folds:
     halves: tuple[PairedStats, PairedStats]
 
     @classmethod
-    def empty(cls, c: int, k: int) -> Folds:
-        return cls((PairedStats.empty(c, k), PairedStats.empty(c, k)))
+    def empty(cls, c: int, k: int, kept: np.ndarray | None = None) -> Folds:
+        return cls((PairedStats.empty(c, k, kept), PairedStats.empty(c, k, kept)))
 
     def add(self, o: np.ndarray, s: np.ndarray) -> None:
         half = len(o) // 2
@@ -156,7 +221,29 @@ class Folds:
             return b.loss(*a.solve(sub, ridge)) + a.loss(*b.solve(sub, ridge))
 
         # the best ridge falls about as 1 / rows: the whole has twice a half's
-        return whole.solve(prior, max(RIDGE, min(RIDGES, key=crossed) / 2))
+        return whole.solve(prior, max(RIDGE, _first_minimum(RIDGES, crossed) / 2))
+
+
+def _first_minimum(ridges: tuple[float, ...], loss: Callable[[float], float]) -> float:
+    """The ridge of least `loss`, trying them in increasing order and stopping once the loss
+    rises: the held-out loss is U-shaped in the ridge, and each try costs two k x k
+    factorizations (most of a ResNet-50's refit when every ridge was tried)."""
+    best, best_loss = ridges[0], loss(ridges[0])
+    for ridge in ridges[1:]:
+        value = loss(ridge)
+        if value >= best_loss:
+            break
+        best, best_loss = ridge, value
+    return best
+
+
+def _ridge_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a⁻¹ b for a ridge-regularized covariance `a` (symmetric positive definite): by
+    Cholesky, half LU's work; LU where rounding left `a` indefinite."""
+    try:
+        return cho_solve(cho_factor(a, check_finite=False), b, check_finite=False)
+    except np.linalg.LinAlgError:
+        return np.linalg.solve(a, b)
 
 
 def ridge_for(regressors: int, observations: int, ridge: float = RIDGE) -> float:
@@ -205,8 +292,8 @@ def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
         lay = groups.layouts[tensor]
         shrunk = lay.resized({g: len(p.keep) for g, p in plans.items()})
         q = {g: _features_per_channel(groups, tensor, g) for g in stage_gids}
-        paired = {g: Folds.empty(plans[g].size * q[g], len(plans[g].keep) * q[g])
-                  for g in stage_gids}
+        paired = {g: Folds.empty(plans[g].size * q[g], len(plans[g].keep) * q[g],
+                                 _kept_columns(plans[g].keep, q[g])) for g in stage_gids}
         for ref, now in zip(*values.advance(tensor, slimmed), strict=True):
             for g in stage_gids:
                 for k, _ in occurrences(groups, tensor, g):  # a repeated group pools them
@@ -226,6 +313,13 @@ def _features_per_channel(groups: GroupSet, tensor: str, gid: int) -> int:
         return 1
     k = occurrences(groups, tensor, gid)[0][0]
     return int(groups.layouts[tensor].feature_index(k).shape[1])
+
+
+def _kept_columns(keep: np.ndarray, q: int) -> np.ndarray:
+    """The original's columns that the slimmed values' columns are: kept channels, or the
+    features of kept heads (channel-major, head_merge.feature_rows)."""
+    keep = np.asarray(keep, dtype=np.int64)
+    return (keep[:, None] * q + np.arange(q)).ravel()
 
 
 def _observe(paired: Folds, ref: np.ndarray, now: np.ndarray, lay: Layout,
