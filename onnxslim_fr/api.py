@@ -87,7 +87,8 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
     work, first, rounds, methods = _exact(normalized)
     randoms = validation_feeds(original, input_shapes, seed=seed,
                                fallback=calib.batches if calib else ())
-    exact_cmp = validate.compare(original, work, randoms + (calib.head(64) if calib else []))
+    reference = validate.References(original)  # its outputs are computed once per batch
+    exact_cmp = validate.compare(reference, work, randoms + (calib.head(64) if calib else []))
     if not exact_cmp.within(tolerance):
         raise ValidationError(exact_cmp.failure(tolerance))
     notes: list[str] = []
@@ -107,7 +108,7 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
         options = calibrated.Options(method, target, threshold, compensate, sequential_refit,
                                      round_to, latency_batch, threads)
         try:
-            work = calibrated.run(original, work, calib, held, budget, options, cost_feeds,
+            work = calibrated.run(reference, work, calib, held, budget, options, cost_feeds,
                                   notes, methods, search)
         except (SlimError, MemoryError):
             raise
@@ -115,7 +116,7 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
             raise InternalError(f"calibrated pass failed: {first_line(exc)}") from exc
     elif not any(m == "exact" for m in methods.values()):
         work = original  # nothing to gain: hand back the model exactly as it came
-    cmp = exact_cmp if data is None else validate.compare(original, work, check_set, labels)
+    cmp = exact_cmp if data is None else validate.compare(reference, work, check_set, labels)
     if not math.isfinite(cmp.max_rel_error):  # NaN/Inf or a shape change: damage, not error
         raise ValidationError(cmp.failure(tolerance))
     rep = report.Report(

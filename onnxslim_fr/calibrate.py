@@ -54,8 +54,9 @@ class Dataset:
         for batch in self.batches:
             if seen >= limit:
                 break
-            n = len(next(iter(batch.values())))
-            out.append({k: v[: limit - seen] for k, v in batch.items()})
+            n = len(next(iter(batch.values())))  # a whole batch is itself (validate.References)
+            out.append(batch if n <= limit - seen else {k: v[: limit - seen] for k, v in
+                                                        batch.items()})
             seen += min(n, limit - seen)
         return out
 

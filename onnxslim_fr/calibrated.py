@@ -49,11 +49,13 @@ class Options:
     threads: int | None = None
 
 
-def run(original: onnx.ModelProto, work: onnx.ModelProto, calib: calibrate.Dataset,
+def run(reference: validate.References, work: onnx.ModelProto, calib: calibrate.Dataset,
         held: calibrate.Dataset, budget: Budget, options: Options, cost_feeds: dict,
         notes: list[str], methods: dict[str, str], trace: list[dict] | None = None
         ) -> onnx.ModelProto:
-    """`work` slimmed further within `budget`; notes say what limited it."""
+    """`work` slimmed further within `budget`; notes say what limited it. `reference` is
+    the original model, which keeps its outputs on the batches it ran on."""
+    original = reference.model
     graph = Graph(work)
     groups = build_groups(graph)
     why = nothing_to_calibrate(graph, groups)
@@ -87,7 +89,7 @@ def run(original: onnx.ModelProto, work: onnx.ModelProto, calib: calibrate.Datas
 
     if budget.ratio is not None:
         return _by_ratio(original, work, budget.ratio, options.target, cost_feeds, slimmed, notes)
-    return _search(original, held, slimmed, budget, notes,
+    return _search(reference, held, slimmed, budget, notes,
                    _tracer(trace, original, cost_feeds)) or work
 
 
@@ -161,7 +163,7 @@ def _probe_samples(samples: int, groups: int, most: int = 128, least: int = 4) -
     return max(least, min(most, samples // max(groups, 1)))
 
 
-def _search(original: onnx.ModelProto, held: calibrate.Dataset,
+def _search(original: validate.References, held: calibrate.Dataset,
             slimmed: Callable[[float], onnx.ModelProto], budget: Budget,
             notes: list[str], explored: Callable[[onnx.ModelProto, validate.Comparison,
                                                   bool], None] | None = None
@@ -184,12 +186,12 @@ def _search(original: onnx.ModelProto, held: calibrate.Dataset,
     return best
 
 
-def _bound(original: onnx.ModelProto, held: calibrate.Dataset, budget: Budget,
+def _bound(original: validate.References, held: calibrate.Dataset, budget: Budget,
            explored: Callable[[onnx.ModelProto, validate.Comparison, bool], None] | None = None
            ) -> Callable[[onnx.ModelProto], bool]:
     """The fidelity test a candidate must pass on the hold-out data."""
     if budget.min_agreement is not None:
-        first = validate.compare(original, original, held.head(1))
+        first = validate.compare(original, original.model, held.head(1))
         if first.top1_agreement is None:
             raise BadDataError("--min-agreement needs a first output of class scores "
                                "(batch, classes); use --max-error for other outputs")
