@@ -242,3 +242,22 @@ def test_the_refit_ridge_is_the_one_that_predicts_the_other_half():
     np.testing.assert_allclose(mix, mapping, atol=1e-3)
     mix, _ = folds(False, 24).solve(np.eye(16))
     assert np.abs(mix - np.eye(16)).max() < 0.1  # ridge 1e-4 fits the noise: ~1
+
+
+def test_refit_statistics_in_float32_keep_an_undrifted_channel_exactly_itself():
+    """Products run in float32 on values shifted by their first batch's means: channels that
+    did not drift (an unslimmed group) still fit themselves exactly, and a removed channel
+    is fitted as well as in float64, also on values far from zero."""
+    rng = np.random.default_rng(3)
+    s = (100 + 0.01 * rng.standard_normal((600, 12))).astype(np.float32)
+    removed = 2 * s[:, :4] - 150 + 1e-4 * rng.standard_normal((600, 4)).astype(np.float32)
+    o = np.concatenate([s, removed], axis=1)
+    prior = np.vstack([np.eye(12), np.zeros((4, 12))])
+    folds = refit.Folds.empty(16, 12, np.arange(12))
+    for i in range(0, 600, 100):
+        folds.add(o[i:i + 100], s[i:i + 100])
+    mix, offset = folds.solve(prior)
+    np.testing.assert_allclose(mix[:12], np.eye(12), atol=1e-12)  # o.T @ s in float32: 1e-3
+    np.testing.assert_allclose(offset[:12], 0, atol=1e-9)
+    fitted = s.astype(np.float64) @ mix[12:].T + offset[12:]
+    assert np.abs(fitted - removed).max() < 2e-3  # spread 0.02: a float32 Gram gets ~1

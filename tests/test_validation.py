@@ -18,7 +18,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from onnxslim_fr import api, calibrate, slim, subgraph
+from onnxslim_fr import api, calibrate, slim, subgraph, validate
 from onnxslim_fr.cli import main
 from onnxslim_fr.errors import BadDataError, SlimError, ValidationError
 from onnxslim_fr.feeds import validation_feeds
@@ -426,3 +426,25 @@ def test_the_original_against_itself_has_exactly_zero_error(case, seed):
     assert (cmp.max_abs_error, cmp.max_rel_error, cmp.mismatches) == (0, 0, 0)
     assert all(r["max_rel_error"] == 0 and r["max_abs_error"] == 0 for r in cmp.output_rows())
     assert cmp.within(0.0)
+
+
+# 4. The original runs once per batch ------------------------------------------------------
+def test_a_bound_search_runs_the_original_once_per_batch(monkeypatch):
+    """A --max-error search compares eight candidates with the original on the same
+    batches: the original's outputs are computed once, and the answer is the same as
+    when each comparison runs it again."""
+    net = Net((None, 3, 8, 8))
+    y = net.relu(net.conv("x", 8))
+    y = net.gemm(net.flatten(net.gap(net.relu(net.conv(y, 16)))), 4)
+    model = net.build(y)
+    data = {"x": np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)}
+    runs = []
+    real = validate.run
+    monkeypatch.setattr(validate, "run", lambda sess, feeds: runs.append(feeds) or
+                        real(sess, feeds))
+    cached = slim(model, data=data, max_error=0.05, batch_size=8, latency_runs=0)
+    assert len(runs) == len({id(f) for f in runs})  # no batch ran twice
+    monkeypatch.setattr(validate.References, "known", lambda self, feeds: None)
+    fresh = slim(model, data=data, max_error=0.05, batch_size=8, latency_runs=0)
+    assert cached.report.max_rel_error == fresh.report.max_rel_error
+    assert cached.report.after.flops == fresh.report.after.flops
