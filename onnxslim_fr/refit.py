@@ -60,14 +60,14 @@ class PairedStats:
     rounding difference between ``o.T @ s`` and ``s.T @ s`` past the ridge."""
 
     count: int
-    sum_o: np.ndarray  # Σ (o - shift_o)
+    sum_o: np.ndarray  # Σ (o - shift_o), rows in `order` when it is set
     sum_s: np.ndarray
     gram_ss: np.ndarray  # Σ (s - shift_s)(s - shift_s)ᵀ
     cross_os: np.ndarray
     kept: np.ndarray | None = None
-    shift_o: np.ndarray | None = None  # float32; None: zero
+    order: np.ndarray | None = None  # kept columns of o first, then the rest (add's order)
+    shift_o: np.ndarray | None = None  # float32, in `order`: the drift's for kept columns
     shift_s: np.ndarray | None = None
-    shift_d: np.ndarray | None = None  # the kept columns' drift o_kept - s
 
     @classmethod
     def empty(cls, c: int, k: int, kept: np.ndarray | None = None) -> PairedStats:
@@ -77,38 +77,29 @@ class PairedStats:
         o, s = np.asarray(o, np.float32), np.asarray(s, np.float32)
         if len(o) == 0:
             return
-        kept = np.arange(0) if self.kept is None else self.kept
-        rest = np.setdiff1d(np.arange(o.shape[1]), kept)
-        d = o[:, kept] - s if len(kept) else None
+        k = 0 if self.kept is None else len(self.kept)
+        if self.order is None:  # kept columns first: their rows of the sums are one slice
+            kept = np.arange(0) if self.kept is None else self.kept
+            self.order = np.concatenate([kept, np.setdiff1d(np.arange(o.shape[1]), kept)])
+        rest = o[:, self.order]  # copies: o_kept - s, then the rest, shifted in place
+        if k:
+            rest[:, :k] -= s
         if self.shift_s is None:  # the first batch's means (float32: the same shifts below)
-            self.shift_s = _mean32(s)
-            self.shift_o = np.zeros(o.shape[1], np.float32)
-            self.shift_o[rest] = _mean32(o[:, rest])
-            self.shift_d = None if d is None else _mean32(d)
+            self.shift_s, self.shift_o = _mean32(s), _mean32(rest)
         sc = s - self.shift_s
+        rest -= self.shift_o  # [drift of the kept columns | other columns], centred
         gram = sc.T @ sc
+        cross = rest.T @ sc
+        if k:
+            cross[:k] += gram  # o_kept = s + drift: exactly s's Gram when nothing drifted
         self.gram_ss += gram
-        self.sum_s += np.sum(sc, axis=0, dtype=np.float64)
-        if d is not None:
-            dc = d - self.shift_d
-            oc_kept = sc + dc  # o_kept less its shift: exactly sc when nothing drifted
-            self.cross_os[kept] += gram + dc.T @ sc
-            self.sum_o[kept] += np.sum(oc_kept, axis=0, dtype=np.float64)
-        if len(rest):
-            rc = o[:, rest] - self.shift_o[rest]
-            self.cross_os[rest] += rc.T @ sc
-            self.sum_o[rest] += np.sum(rc, axis=0, dtype=np.float64)
+        self.cross_os += cross
+        sum_s = np.sum(sc, axis=0, dtype=np.float64)
+        self.sum_s += sum_s
+        self.sum_o += np.sum(rest, axis=0, dtype=np.float64)
+        if k:
+            self.sum_o[:k] += sum_s
         self.count += len(o)
-
-    @property
-    def shifts(self) -> tuple[np.ndarray, np.ndarray]:
-        """(shift_o, shift_s) in float64; the kept columns' shift is s's plus the drift's."""
-        if self.shift_s is None:
-            return np.zeros(len(self.sum_o)), np.zeros(len(self.sum_s))
-        a, b = self.shift_o.astype(np.float64), self.shift_s.astype(np.float64)
-        if self.shift_d is not None:
-            a[self.kept] = b + self.shift_d.astype(np.float64)
-        return a, b
 
     def merged(self, other: PairedStats) -> PairedStats:
         """Both sums at zero shift, added (a repeated read point pools its samples)."""
@@ -117,15 +108,21 @@ class PairedStats:
                            a.gram_ss + b.gram_ss, a.cross_os + b.cross_os, self.kept)
 
     def unshifted(self) -> PairedStats:
-        """The same sums of the values themselves: Σ (x + a)(y + b)ᵀ from Σ x yᵀ, in one
-        formula for every product, so equal inputs stay bitwise equal."""
+        """The same sums of the values themselves, rows in o's order: Σ (x + a)(y + b)ᵀ
+        from Σ x yᵀ, one formula for every product, so equal inputs stay bitwise equal."""
         if self.shift_s is None:
             return self
-        a, b = self.shifts
-        n = self.count
-        return PairedStats(n, self.sum_o + n * a, self.sum_s + n * b,
-                           _unshift(self.gram_ss, self.sum_s, b, self.sum_s, b, n),
-                           _unshift(self.cross_os, self.sum_o, a, self.sum_s, b, n), self.kept)
+        n, k = self.count, 0 if self.kept is None else len(self.kept)
+        b = self.shift_s.astype(np.float64)
+        a = self.shift_o.astype(np.float64)
+        if k:
+            a[:k] += b  # a kept column's shift is s's plus its drift's
+        sum_o, cross = np.empty_like(self.sum_o), np.empty_like(self.cross_os)
+        sum_o[self.order] = self.sum_o + n * a
+        cross[self.order] = _unshift(self.cross_os, self.sum_o, a, self.sum_s, b, n)
+        return PairedStats(n, sum_o, self.sum_s + n * b,
+                           _unshift(self.gram_ss, self.sum_s, b, self.sum_s, b, n), cross,
+                           self.kept)
 
     def solve(self, prior: np.ndarray, ridge: float | None = None
               ) -> tuple[np.ndarray, np.ndarray]:

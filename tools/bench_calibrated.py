@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import logging
 import pstats
+import re
 import resource
 import sys
 import time
@@ -54,6 +56,23 @@ PHASES = {  # label: functions (file:name|name, space-separated) whose cumulativ
     "exact lumping rounds": "api.py:_exact",
 }
 FIXED = ("forward selection", "sensitivity probes")
+#: wall seconds of the phases onnxslim_fr logs (progress.phase); planning holds the fixed
+#: costs (selection, probes) and the allocation
+WALL_FIXED = ("redundancy planning (orders, probes, allocation)", "sensitivity probe set-up")
+
+
+class PhaseWall(logging.Handler):
+    """Sums the wall seconds progress.phase logs per phase label."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seconds: dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.fullmatch(r"(.*): ([0-9.]+) s", record.getMessage())
+        if found:
+            label = found.group(1)
+            self.seconds[label] = self.seconds.get(label, 0.0) + float(found.group(2))
 
 
 class Clock:
@@ -99,9 +118,14 @@ def bench(model, samples: int, dump: str | None) -> None:
     images = np.random.default_rng(0).standard_normal((samples, 3, 224, 224)).astype(np.float32)
     one = forward_pass(model, images, name)
     prof = cProfile.Profile(time.process_time)  # CPU seconds: steadier on a shared machine
+    walls = PhaseWall()
+    logger = logging.getLogger("onnxslim_fr.progress")
+    logger.addHandler(walls)
+    logger.setLevel(logging.INFO)
     with Clock() as clock:
         result = prof.runcall(slim, model, data={name: images}, ratio=RATIO, batch_size=BATCH,
                               latency_runs=0)
+    logger.removeHandler(walls)
     if dump:
         prof.dump_stats(f"{dump}.{samples}")
     rep = result.report
@@ -120,6 +144,11 @@ def bench(model, samples: int, dump: str | None) -> None:
     fixed = sum(phases[k] for k in FIXED)
     print(f"    {'fixed costs (selection + probes)':<44} cpu {fixed:8.2f} s   (target < "
           f"{FIXED_TARGET:g} s at 32)")
+    wall = sum(walls.seconds.get(k, 0.0) for k in WALL_FIXED)
+    print(f"    {'  wall: planning + probe set-up':<44} wall {wall:7.2f} s   (the fixed costs "
+          f"and the allocation)")
+    print("  wall seconds per phase: " + " | ".join(
+        f"{k.split(' (')[0]} {v:.1f}" for k, v in walls.seconds.items()))
     print(f"  {calls(stats, 'probe.py', '_measure')} probes measured "
           f"({calls(stats, 'probe.py', '__call__')} asked), "
           f"{calls(stats, 'runtime.py', 'session')} onnxruntime sessions built")
