@@ -4,14 +4,13 @@ Builds the ResNet-50 of ``tools/bench_engine.py`` (seeded He-initialized weights
 redundancy planted), feeds it seeded Gaussian 224x224 images as calibration data (speed
 only: random weights and inputs say nothing about accuracy) and times
 ``slim(ratio=0.3, method=lfrns)`` against one onnxruntime pass over the same images, with
-the time per phase from cProfile, the probes measured and onnxruntime sessions built,
-and the peak RSS. One row per calibration set size: the
-fixed costs (forward selection, sensitivity probes) show at 32 images, the per-sample
-ones (statistics, refit, validation) at 256. Targets (issue 10): slim <= 5 passes at 256
-images; forward selection + probes under 20 s at 32. Wall and CPU seconds are both shown:
-on a shared machine the CPU seconds are the steadier figure, so the phases are profiled in
-process CPU seconds (onnxruntime's and BLAS's threads included) and compared with the CPU
-seconds of one pass.
+the wall and process CPU seconds of each phase as onnxslim_fr logs them (progress.phase;
+CPU includes onnxruntime's and BLAS's threads, and the probes' worker thread), the probes
+measured and onnxruntime sessions built, and the peak RSS. One row per calibration set
+size: the fixed costs (probe set-up, forward selection, probes, allocation) show at 32
+images, the per-sample ones (statistics, refit, validation) at 256. Targets (issue 10):
+slim <= 5 passes at 256 images; fixed costs under 20 s at 32. On a shared machine the CPU
+seconds are the steadier figure; wall seconds are what a user waits.
 
 Run (from the repository root)::
 
@@ -25,11 +24,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import logging
-import pstats
 import re
 import resource
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -42,37 +41,43 @@ sys.path.insert(0, str(REPO / "tools"))
 from bench_engine import build_resnet50  # noqa: E402
 
 from onnxslim_fr import slim  # noqa: E402
+from onnxslim_fr.probe import OutputErrorProbe  # noqa: E402
 from onnxslim_fr.report import params  # noqa: E402
 
 SAMPLES, BATCH, RATIO = (32, 256), 8, 0.3
 PASSES_TARGET, FIXED_TARGET = 5.0, 20.0
-PHASES = {  # label: functions (file:name|name, space-separated) whose cumulative time adds up
-    "channel statistics (collect)": "calibrate.py:collect",
-    "forward selection": "selection.py:forward_order",
-    "sensitivity probes": "redundancy.py:_sensitivity|sensitivities|trial_error "
-                          "probe.py:__init__",
-    "sequential refit": "refit.py:refit",
-    "validation (on the calibration set here)": "validate.py:compare",
-    "exact lumping rounds": "api.py:_exact",
+PHASES = {  # table label: the label onnxslim_fr logs (progress.phase), summed over calls
+    "exact lumping rounds": "exact lumping",
+    "channel statistics (collect)": "channel statistics",
+    "probe set-up (one run of the original)": "sensitivity probe set-up",
+    "planning: forward selection, probes, allocation": "redundancy planning (orders, probes, "
+                                                       "allocation)",
+    "sequential refit": "sequential refit",
+    "validation (on the calibration set here)": "validation run",
 }
-FIXED = ("forward selection", "sensitivity probes")
-#: wall seconds of the phases onnxslim_fr logs (progress.phase); planning holds the fixed
-#: costs (selection, probes) and the allocation
-WALL_FIXED = ("redundancy planning (orders, probes, allocation)", "sensitivity probe set-up")
+FIXED = ("probe set-up (one run of the original)",
+         "planning: forward selection, probes, allocation")
 
 
-class PhaseWall(logging.Handler):
-    """Sums the wall seconds progress.phase logs per phase label."""
+COUNTS: Counter = Counter()
+
+
+class PhaseTimes(logging.Handler):
+    """Sums the wall and CPU seconds progress.phase logs per phase label. Probes run on a
+    worker thread beside forward selection (background.py), so the phases are timed by
+    what the process spent in them, not by a profile of the main thread."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self.seconds: dict[str, float] = {}
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
-        found = re.fullmatch(r"(.*): ([0-9.]+) s", record.getMessage())
+        found = re.fullmatch(r"(.*): ([0-9.]+) s \(cpu ([0-9.]+) s\)", record.getMessage())
         if found:
             label = found.group(1)
-            self.seconds[label] = self.seconds.get(label, 0.0) + float(found.group(2))
+            self.wall[label] = self.wall.get(label, 0.0) + float(found.group(2))
+            self.cpu[label] = self.cpu.get(label, 0.0) + float(found.group(3))
 
 
 class Clock:
@@ -96,37 +101,32 @@ def forward_pass(model, feeds: np.ndarray, name: str) -> Clock:
     return clock
 
 
-def phase_seconds(stats: pstats.Stats) -> dict[str, float]:
-    out = {}
-    for label, keys in PHASES.items():
-        out[label] = 0.0
-        for key in keys.split():
-            file, funcs = key.split(":")
-            out[label] += sum(v[3] for (path, _, fn), v in stats.stats.items()
-                              if path.endswith(file) and fn in funcs.split("|"))
-    return out
+def counted(owner: object, name: str, counts: Counter) -> None:
+    """Count the calls of `owner.name` on every thread (cProfile sees the main one only)."""
+    real = getattr(owner, name)
 
-
-def calls(stats: pstats.Stats, file: str, name: str) -> int:
-    """How often `file:name` ran (primitive calls)."""
-    return sum(v[0] for (path, _, fn), v in stats.stats.items()
-               if path.endswith(file) and fn == name)
+    def wrapper(*args, **kwargs):
+        counts[name] += 1
+        return real(*args, **kwargs)
+    setattr(owner, name, wrapper)
 
 
 def bench(model, samples: int, dump: str | None) -> None:
     name = model.graph.input[0].name
     images = np.random.default_rng(0).standard_normal((samples, 3, 224, 224)).astype(np.float32)
     one = forward_pass(model, images, name)
-    prof = cProfile.Profile(time.process_time)  # CPU seconds: steadier on a shared machine
-    walls = PhaseWall()
+    COUNTS.clear()
+    times = PhaseTimes()
     logger = logging.getLogger("onnxslim_fr.progress")
-    logger.addHandler(walls)
+    logger.addHandler(times)
     logger.setLevel(logging.INFO)
+    prof = cProfile.Profile(time.process_time) if dump else None
     with Clock() as clock:
-        result = prof.runcall(slim, model, data={name: images}, ratio=RATIO, batch_size=BATCH,
-                              latency_runs=0)
-    logger.removeHandler(walls)
-    if dump:
+        run = prof.runcall if prof else (lambda fn, *a, **k: fn(*a, **k))
+        result = run(slim, model, data={name: images}, ratio=RATIO, batch_size=BATCH,
+                     latency_runs=0)
+    logger.removeHandler(times)
+    if prof:
         prof.dump_stats(f"{dump}.{samples}")
     rep = result.report
     print(f"{samples} calibration images: kept FLOPs {rep.after.flops / rep.before.flops:.3f}"
@@ -137,21 +137,15 @@ def bench(model, samples: int, dump: str | None) -> None:
     print(f"  {'slim() wall time':<46} {clock.wall:8.2f} s   cpu {clock.cpu:8.2f} s   "
           f"passes {clock.wall / one.wall:.1f} (cpu {clock.cpu / one.cpu:.1f}; target <= "
           f"{PASSES_TARGET:g} at 256)")
-    stats = pstats.Stats(prof)
-    phases = phase_seconds(stats)
-    for label, seconds in phases.items():
-        print(f"    {label:<44} cpu {seconds:8.2f} s   {seconds / one.cpu:6.1f} passes")
-    fixed = sum(phases[k] for k in FIXED)
-    print(f"    {'fixed costs (selection + probes)':<44} cpu {fixed:8.2f} s   (target < "
-          f"{FIXED_TARGET:g} s at 32)")
-    wall = sum(walls.seconds.get(k, 0.0) for k in WALL_FIXED)
-    print(f"    {'  wall: planning + probe set-up':<44} wall {wall:7.2f} s   (the fixed costs "
-          f"and the allocation)")
-    print("  wall seconds per phase: " + " | ".join(
-        f"{k.split(' (')[0]} {v:.1f}" for k, v in walls.seconds.items()))
-    print(f"  {calls(stats, 'probe.py', '_measure')} probes measured "
-          f"({calls(stats, 'probe.py', '__call__')} asked), "
-          f"{calls(stats, 'runtime.py', 'session')} onnxruntime sessions built")
+    for label, logged in PHASES.items():
+        wall, cpu = times.wall.get(logged, 0.0), times.cpu.get(logged, 0.0)
+        print(f"    {label:<48} wall {wall:7.2f} s  cpu {cpu:7.2f} s  {cpu / one.cpu:5.1f} "
+              f"passes")
+    wall, cpu = (sum(d.get(PHASES[k], 0.0) for k in FIXED) for d in (times.wall, times.cpu))
+    print(f"    {'fixed costs (probe set-up + planning)':<48} wall {wall:7.2f} s  cpu {cpu:7.2f}"
+          f" s  (target < {FIXED_TARGET:g} s at 32)")
+    print(f"  {COUNTS['_measure']} probes measured ({COUNTS['__call__']} asked), "
+          f"{COUNTS['__init__']} onnxruntime sessions built")
 
 
 def main() -> None:
@@ -159,8 +153,12 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="widths / 4")
     parser.add_argument("--samples", type=int, action="append",
                         help=f"calibration images (repeatable; default {SAMPLES})")
-    parser.add_argument("--profile", help="dump cProfile stats to PROFILE.<samples>")
+    parser.add_argument("--profile", help="dump cProfile stats (main thread; slows the run) "
+                        "to PROFILE.<samples>")
     args = parser.parse_args()
+    for owner, name in ((OutputErrorProbe, "_measure"), (OutputErrorProbe, "__call__"),
+                        (ort.InferenceSession, "__init__")):
+        counted(owner, name, COUNTS)
     model, _ = build_resnet50(4 if args.small else 1)
     print(f"ResNet-50{' / 4' if args.small else ''}: {params(model):,} params, ratio {RATIO}, "
           f"lfrns, batch {BATCH}")

@@ -25,6 +25,7 @@ from sklearn.cluster import AgglomerativeClustering
 from threadpoolctl import threadpool_limits
 
 from .. import progress
+from ..background import Background
 from ..calibrate import ChannelStats
 from ..channels.handlers import handler_for
 from ..channels.structures import ChannelGroup, GroupSet, Role
@@ -166,12 +167,16 @@ Probe = Callable[[Plan], float]
 Probed = tuple[np.ndarray, dict[int, float]]  # a group's predicted curve, measured {k: error}
 
 
+def trial_plan(gm: GroupModel, order: list[int], k: int, method: str) -> Plan:
+    """The plan keeping the first k channels of `order` (merged)."""
+    keep = np.sort(np.asarray(order[:k]))
+    return {gm.group.id: removal_plan(gm.group.size, keep, gm.group.read_points,
+                                      merge_rows(gm, keep, True), method)}
+
+
 def trial_error(gm: GroupModel, order: list[int], k: int, probe: Probe, method: str) -> float:
     """The probe's output error of keeping the first k channels of `order` (merged)."""
-    keep = np.sort(np.asarray(order[:k]))
-    trial = removal_plan(gm.group.size, keep, gm.group.read_points,
-                         merge_rows(gm, keep, True), method)
-    return max(probe({gm.group.id: trial}), 0.0)
+    return max(probe(trial_plan(gm, order, k, method)), 0.0)
 
 
 def measured_curve(gm: GroupModel, order: list[int], curve: np.ndarray, probe: Probe,
@@ -311,17 +316,22 @@ def _curves(models: Mapping[int, GroupModel], heads: Mapping, probe: Probe | Non
     """Per group: the order, the error curve (calibrated by one probe at half the channels
     when there is a probe), and the predicted curve with the probe's measurements."""
     orders, curves, probed = {}, {}, {}
-    for g, gm in models.items():
-        if g in heads:
-            orders[g], curves[g] = heads[g].curve(probe, method)
-            continue
-        tiers = lfrns_tiers(gm, threshold) if method == "lfrns" else [np.arange(gm.group.size)]
-        orders[g], curve = forward_order(gm, tiers)
-        curves[g] = curve / gm.error_scale()
-        if probe is not None:
-            k = max(1, gm.group.size // 2)
-            probed[g] = (curves[g], {k: trial_error(gm, orders[g], k, probe, method)})
-            curves[g] = calibrated_curve(gm, orders[g], *probed[g])
+    with Background() as background:
+        measuring = {}
+        for g, gm in models.items():
+            if g in heads:
+                orders[g], curves[g] = heads[g].curve(probe, method)
+                continue
+            tiers = lfrns_tiers(gm, threshold) if method == "lfrns" else \
+                [np.arange(gm.group.size)]
+            orders[g], curve = forward_order(gm, tiers)
+            curves[g] = curve / gm.error_scale()
+            if probe is not None:  # measured while the next group's order is computed
+                k = max(1, gm.group.size // 2)
+                measuring[g] = k, background.run(probe, trial_plan(gm, orders[g], k, method))
+        for g, (k, measured) in measuring.items():
+            probed[g] = (curves[g], {k: max(measured(), 0.0)})
+            curves[g] = calibrated_curve(models[g], orders[g], *probed[g])
     return orders, curves, probed
 
 
@@ -332,11 +342,14 @@ def _remeasured(models: Mapping[int, GroupModel], orders: Mapping[int, list[int]
     half the channels says little about the error of removing 10% (on PaddleOCR's
     recogniser measured / predicted varies by 3x along a curve)."""
     out = dict(curves)
-    for g, (predicted, points) in probed.items():
-        k, gm = kept[g], models[g]
-        if k < gm.group.size and k not in points:
-            points[k] = trial_error(gm, orders[g], k, probe, method)
-            out[g] = calibrated_curve(gm, orders[g], predicted, points)
+    with Background() as background:
+        measuring = {g: background.run(probe, trial_plan(models[g], orders[g], kept[g], method))
+                     for g, (_, points) in probed.items()
+                     if kept[g] < models[g].group.size and kept[g] not in points}
+        for g, measured in measuring.items():
+            predicted, points = probed[g]
+            points[kept[g]] = max(measured(), 0.0)
+            out[g] = calibrated_curve(models[g], orders[g], predicted, points)
     return out
 
 
