@@ -116,6 +116,8 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
             raise InternalError(f"calibrated pass failed: {first_line(exc)}") from exc
     elif not any(m == "exact" for m in methods.values()):
         work = original  # nothing to gain: hand back the model exactly as it came
+    if work is not original:
+        notes.extend(_weights_no_longer_inputs(original))
     cmp = exact_cmp if data is None else validate.compare(reference, work, check_set, labels)
     if not math.isfinite(cmp.max_rel_error):  # NaN/Inf or a shape change: damage, not error
         raise ValidationError(cmp.failure(tolerance))
@@ -155,6 +157,21 @@ def _exact(work: onnx.ModelProto, max_rounds: int = 6
         methods.update(methods_by_producer(groups, plans))
         work = weights.intern(rewrite.apply(work, graph, groups, plans))
     return work, first, rounds, methods
+
+
+def _weights_no_longer_inputs(original: onnx.ModelProto) -> list[str]:
+    """A note naming the graph inputs that only carried weights (old exporters, or
+    keep_initializers_as_inputs): slimming treats them as weights, so the output no longer
+    lists them and feeding one would fail."""
+    if original.ir_version < 4:  # IR 3 requires the listing: the output keeps it
+        return []
+    initializers = {t.name for t in original.graph.initializer}
+    names = [i.name for i in original.graph.input if i.name in initializers]
+    if not names:
+        return []
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return [f"{len(names)} graph input(s) that only carried weights ({shown}) are plain "
+            f"weights in the output: the slimmed model no longer accepts them as inputs"]
 
 
 def _group_rows(groups: GroupSet, final: Graph | None, methods: dict[str, str]) -> list[dict]:

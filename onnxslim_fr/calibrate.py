@@ -114,10 +114,16 @@ def fixed_batch(specs: dict) -> int | None:
 def _read_file(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise BadDataError(f"data file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if not (magic.startswith(b"PK") or magic == b"\x93NUMPY"):  # a zip (.npz), a .npy
+        raise BadDataError(f"{path} is not a .npz or .npy file (numpy.savez / numpy.save "
+                           f"write them: .npz keyed by input name, or one .npy array)")
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise BadDataError(f"cannot read {path} as .npz/.npy: {exc}") from None
+    except (OSError, ValueError) as exc:  # pickled objects: numpy's advice is not ours
+        reason = "it holds Python objects, not arrays" if "pickle" in str(exc) else exc
+        raise BadDataError(f"cannot read {path} as .npz/.npy: {reason}") from None
     if isinstance(loaded, np.ndarray):
         return {"": loaded}
     return {k: loaded[k] for k in loaded.files}

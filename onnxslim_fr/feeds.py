@@ -207,7 +207,8 @@ class _Drawer:
             names = ", ".join(self.dynamic)
             tried = ", ".join(map(str, self.sizes()))
             return (f"the model does not run on any validation input tried for {names} "
-                    f"(dynamic dimensions set to {tried}): {error}; give the shape with "
+                    f"(dynamic dimensions other than the batch tried at {tried}; the batch at "
+                    f"1): {error}; give the shape with "
                     f"--input-shape {self.dynamic[0]}:DxDxD")
         return f"onnxruntime rejected the inputs: {error}"
 

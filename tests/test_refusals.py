@@ -665,3 +665,22 @@ def test_labels_that_no_class_can_have_are_refused(tmp_path, capsys):
     refused(capsys, [src, tmp_path / "o.onnx", "--data", bad, "--max-accuracy-drop", "0.1"],
             "labels must be class ids in [0, 10)", "[99, 99]")
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("what", ["model", "pickle", "empty"])
+def test_data_that_is_not_an_array_file_is_refused_in_our_words(tmp_path, capsys, model_path,
+                                                                 what):
+    """`--data model.onnx` (a slip of the arguments) or a pickled object array: one line that
+    says what the file should be, not numpy's advice to unpickle it."""
+    data = tmp_path / "data.npy"
+    if what == "model":
+        data = model_path
+    elif what == "pickle":
+        np.save(data, np.array([{"x": 1}], dtype=object))
+    else:
+        data.write_bytes(b"")
+    code = main([str(model_path), str(tmp_path / "out.onnx"), "--data", str(data),
+                 "--ratio", "0.3", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "allow_pickle" not in err and len(err.strip().splitlines()) == 1
+    assert ("not a .npz or .npy file" in err) if what != "pickle" else ("Python objects" in err)

@@ -448,3 +448,21 @@ def test_a_bound_search_runs_the_original_once_per_batch(monkeypatch):
     fresh = slim(model, data=data, max_error=0.05, batch_size=8, latency_runs=0)
     assert cached.report.max_rel_error == fresh.report.max_rel_error
     assert cached.report.after.flops == fresh.report.after.flops
+
+
+# 5. The interface -------------------------------------------------------------------------
+def test_weights_listed_as_graph_inputs_become_plain_weights_with_a_note():
+    """keep_initializers_as_inputs lists every weight as a graph input too; slimming treats
+    them as weights, so the output drops those inputs, and the report says so by name."""
+    net = Net((None, 3, 8, 8))
+    y = net.gemm(net.flatten(net.gap(net.relu(net.conv(net.relu(net.conv("x", 8)), 16)))), 4)
+    model = net.build(y)
+    for t in model.graph.initializer:
+        model.graph.input.append(h.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    data = {"x": np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)}
+    result = slim(model, data=data, ratio=0.5, latency_runs=0)
+    assert [i.name for i in result.model.graph.input] == ["x"]
+    assert any("only carried weights" in n and "conv1.w" in n for n in result.report.notes)
+    unchanged = slim(model, latency_runs=0)  # nothing exact to remove: handed back as it was
+    assert len(unchanged.model.graph.input) == len(model.graph.input)
+    assert not any("only carried weights" in n for n in unchanged.report.notes)
