@@ -1,13 +1,25 @@
-"""One worker thread that overlaps onnxruntime runs with numpy work in the caller."""
+"""Worker threads that overlap onnxruntime runs with numpy work in the caller."""
 
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
+
+_LEFT: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
+    "onnxslim_fr_caller_left", default=None)
+
+
+def check_cancelled() -> None:
+    """Raise in a background call whose caller has left its block on an error (Ctrl-C):
+    long calls check between runs, so an interrupt waits for one run, not a whole probe."""
+    left = _LEFT.get()
+    if left is not None and left.is_set():
+        raise CancelledError("the caller stopped")
 
 
 class Background:
@@ -24,11 +36,15 @@ class Background:
     def __enter__(self) -> Background:
         self._pool = ThreadPoolExecutor(max_workers=self.workers,
                                         thread_name_prefix="onnxslim-fr")
+        self._left = threading.Event()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None:  # calls still running stop at their next check_cancelled
+            self._left.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def run(self, fn: Callable[..., T], *args: object) -> Callable[[], T]:
-        future = self._pool.submit(contextvars.copy_context().run, fn, *args)
-        return future.result
+        context = contextvars.copy_context()
+        context.run(_LEFT.set, self._left)
+        return self._pool.submit(context.run, fn, *args).result

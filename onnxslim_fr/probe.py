@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from . import progress, rewrite
+from .background import check_cancelled
 from .channels.structures import ChannelGroup, GroupSet
 from .errors import InternalError
 from .graph import Graph, measured_outputs
@@ -167,7 +168,9 @@ def trial_session(model: onnx.ModelProto, plans: Plan):
 
 
 def trial_run(sess, feeds: Mapping[str, np.ndarray], plans: Plan) -> list[np.ndarray]:
-    """`sess` on `feeds`; a failure is an InternalError (see `trial_session`)."""
+    """`sess` on `feeds`; a failure is an InternalError (see `trial_session`). A probe on a
+    worker thread stops here once its caller was interrupted."""
+    check_cancelled()
     outs, failed = try_run(sess, feeds)
     if failed is not None:
         raise InternalError(f"sensitivity probe: onnxruntime fails to run the trial model of "

@@ -73,4 +73,3 @@ def phase(label: str) -> Callable[[F], F]:
                          time.process_time() - cpu)
         return timed  # type: ignore[return-value]
     return wrap
-

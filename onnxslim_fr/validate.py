@@ -148,6 +148,9 @@ class References:
         self.names: list[str] | None = None
         self._kept: dict[int, tuple[Mapping[str, np.ndarray], list]] = {}
         self._size = 0
+        # onnxruntime seeds random ops per session and advances them per run: only a fresh
+        # session fed the same batches in the same order draws what the slimmed model draws
+        self._fresh = draws_random_numbers(model)
 
     def known(self, feeds: Mapping[str, np.ndarray]) -> list | None:
         hit = self._kept.get(id(feeds))
@@ -155,9 +158,28 @@ class References:
 
     def keep(self, feeds: Mapping[str, np.ndarray], outputs: list) -> None:
         size = sum(o.nbytes for o in outputs if isinstance(o, np.ndarray))
-        if self._size + size <= REFERENCE_BYTES:
+        if not self._fresh and self._size + size <= REFERENCE_BYTES:
             self._kept[id(feeds)] = (feeds, outputs)
             self._size += size
+
+
+RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform",
+                        "RandomUniformLike", "Multinomial", "Bernoulli"})
+
+
+def draws_random_numbers(model: onnx.ModelProto) -> bool:
+    """Whether a node (in a subgraph or a local function too) draws random numbers: a
+    random op, or Dropout given a training-mode input."""
+    def nodes(graph: onnx.GraphProto):
+        for node in graph.node:
+            yield node
+            for attr in node.attribute:
+                yield from (n for sub in [*([attr.g] if attr.HasField("g") else []),
+                                          *attr.graphs] for n in nodes(sub))
+
+    return any(n.op_type in RANDOM_OPS or (n.op_type == "Dropout" and len(n.input) > 2
+                                           and n.input[2])
+               for n in [*nodes(model.graph), *(n for f in model.functions for n in f.node)])
 
 
 def _references(original: onnx.ModelProto | References,
