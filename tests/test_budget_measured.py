@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxslim_fr import calibrate, probe, refit, rewrite
+from onnxslim_fr import calibrate, probe, refit_stats, rewrite
 from onnxslim_fr.channels import build_groups
 from onnxslim_fr.cli import main
 from onnxslim_fr.errors import InternalError
@@ -191,12 +191,13 @@ def test_a_refit_with_fewer_rows_than_channels_does_not_interpolate_them():
         return s + 0.3 * rng.standard_normal((n, 64)), s
 
     (o, s), (o_new, s_new) = rows(32), rows(2000)
-    paired = refit.PairedStats.empty(64, 64)
+    paired = refit_stats.PairedStats.empty(64, 64)
     paired.add(o, s)
     mix, offset = paired.solve(np.eye(64))
     error = np.mean((o_new - s_new @ mix.T - offset) ** 2)
     assert error < 1.25 * np.mean((o_new - s_new) ** 2)  # ridge 1e-4 alone: 1.9x
-    assert refit.ridge_for(64, 32) == 2.0 and refit.ridge_for(8, 10**6) == refit.RIDGE
+    assert refit_stats.ridge_for(64, 32) == 2.0
+    assert refit_stats.ridge_for(8, 10**6) == refit_stats.RIDGE
 
 
 
@@ -232,8 +233,8 @@ def test_the_refit_ridge_is_the_one_that_predicts_the_other_half():
     rng = np.random.default_rng(1)
     mapping = np.eye(16) + 0.5 * rng.standard_normal((16, 16))
 
-    def folds(signal: bool, rows: int) -> refit.Folds:
-        out = refit.Folds.empty(16, 16)
+    def folds(signal: bool, rows: int) -> refit_stats.Folds:
+        out = refit_stats.Folds.empty(16, 16)
         s = rng.standard_normal((rows, 16))
         out.add(s @ mapping.T if signal else s + 0.5 * rng.standard_normal((rows, 16)), s)
         return out
@@ -253,7 +254,7 @@ def test_refit_statistics_in_float32_keep_an_undrifted_channel_exactly_itself():
     removed = 2 * s[:, :4] - 150 + 1e-4 * rng.standard_normal((600, 4)).astype(np.float32)
     o = np.concatenate([s, removed], axis=1)
     prior = np.vstack([np.eye(12), np.zeros((4, 12))])
-    folds = refit.Folds.empty(16, 12, np.arange(12))
+    folds = refit_stats.Folds.empty(16, 12, np.arange(12))
     for i in range(0, 600, 100):
         folds.add(o[i:i + 100], s[i:i + 100])
     mix, offset = folds.solve(prior)

@@ -1,5 +1,5 @@
 """Hostile review of the speed changes: the original's outputs kept across comparisons
-(validate.References), refit statistics in float32 on shifted values (refit.PairedStats),
+(validate.References), refit statistics in float32 on shifted values (refit_stats.PairedStats),
 sensitivity probes on worker threads (background.py). Each must give what the slow way gave:
 the same figures, the same fits, the same model bytes, the same exit codes.
 
@@ -19,7 +19,7 @@ import pytest
 from builders import Net
 from onnx import helper as h
 
-from onnxslim_fr import calibrate, probe, refit, slim, validate
+from onnxslim_fr import calibrate, probe, refit_stats, slim, validate
 from onnxslim_fr.background import Background
 from onnxslim_fr.channels import build_groups
 from onnxslim_fr.cli import main
@@ -92,7 +92,7 @@ def test_kept_outputs_past_the_reference_budget_give_the_figures_of_fresh_runs(m
     assert kept == figures()
 
 
-# 2. refit.PairedStats: float32 on shifted values fits as float64 did -----------------------
+# 2. refit_stats.PairedStats: float32 on shifted values fits as float64 did -----------------------
 @dataclass
 class _Float64Stats:
     """The statistics as 29427a9 kept them: every product in float64, nothing shifted."""
@@ -118,7 +118,7 @@ def test_float32_refit_statistics_fit_as_float64_ones(mean, spread, kept):
     rng = np.random.default_rng(7)
     keep = np.asarray(kept, dtype=np.int64)
     mapping = rng.standard_normal((6, len(keep)))
-    stats = [refit.PairedStats.empty(6, len(keep), keep) for _ in range(2)]
+    stats = [refit_stats.PairedStats.empty(6, len(keep), keep) for _ in range(2)]
     reference = _Float64Stats([], [])
     for i, rows in enumerate((1, 40, 7, 60)):
         s = (mean + spread * rng.standard_normal((rows, len(keep)))).astype(np.float32)
