@@ -72,6 +72,21 @@ def _mask_nodes() -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     return nodes, inits
 
 
+def _scaled_attention(q: str, k_t: str, v: str, mask: str) -> list[onnx.NodeProto]:
+    """Both exporters' attention core: q and kᵀ each scaled by DH^-1/4, the mask added,
+    softmax with the NaN guard of a fully masked row, times v, heads moved back (ctx_t)."""
+    n = helper.make_node
+    return [n("Mul", [q, "sqrt_scale"], ["qs"], name="q_scale"),
+            n("Mul", [k_t, "sqrt_scale"], ["k_scaled"], name="k_scale"),
+            n("MatMul", ["qs", "k_scaled"], ["scores"], name="qk"),
+            n("Add", ["scores", mask], ["masked"], name="mask_add"),
+            n("Softmax", ["masked"], ["p0"], axis=-1, name="softmax"),
+            n("IsNaN", ["p0"], ["nan"], name="is_nan"),
+            n("Where", ["nan", "zero_f", "p0"], ["probs"], name="nan_guard"),
+            n("MatMul", ["probs", v], ["ctx"], name="pv"),
+            n("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3], name="ctx_t")]
+
+
 def hf_encoder(w: dict[str, np.ndarray]) -> onnx.ModelProto:
     n = helper.make_node
     nodes, inits = _mask_nodes()
@@ -84,16 +99,8 @@ def hf_encoder(w: dict[str, np.ndarray]) -> onnx.ModelProto:
                   n("Add", [f"{p}0", f"b{p}"], [f"{p}1"], name=f"{p}_bias"),
                   n("Reshape", [f"{p}1", "split"], [f"{p}4"], name=f"{p}_heads"),
                   n("Transpose", [f"{p}4"], [f"{p}t"], perm=perm, name=f"{p}_t")]
-    nodes += [n("Mul", ["qt", "sqrt_scale"], ["qs"], name="q_scale"),
-              n("Mul", ["kt", "sqrt_scale"], ["ks"], name="k_scale"),
-              n("MatMul", ["qs", "ks"], ["scores"], name="qk"),
-              n("Add", ["scores", "bias"], ["masked"], name="mask_add"),
-              n("Softmax", ["masked"], ["p0"], axis=-1, name="softmax"),
-              n("IsNaN", ["p0"], ["nan"], name="is_nan"),
-              n("Where", ["nan", "zero_f", "p0"], ["probs"], name="nan_guard"),
-              n("MatMul", ["probs", "vt"], ["ctx"], name="pv"),
-              n("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3], name="ctx_t"),
-              n("Gather", ["sx", "i1"], ["t0"], axis=0, name="t_dim"),
+    nodes += _scaled_attention("qt", "kt", "vt", "bias")
+    nodes += [n("Gather", ["sx", "i1"], ["t0"], axis=0, name="t_dim"),
               n("Unsqueeze", ["t0", "ax0_1"], ["t_1"], name="t_1"),
               n("Concat", ["b1", "t_1", "m1"], ["merged"], axis=0, name="merged"),
               n("Reshape", ["ctx_t", "merged"], ["heads_out"], name="merge"),
@@ -196,16 +203,8 @@ def sdpa_dynamic_t(w: dict[str, np.ndarray], literal_heads: bool = False) -> onn
                   n("Reshape", [f"{p}1", "split"], [f"{p}4"], allowzero=1, name=f"{p}_heads"),
                   n("Transpose", [f"{p}4"], [f"{p}t4"], perm=[0, 2, 1, 3], name=f"{p}_t")]
     nodes += _kt_nodes(literal_heads)
-    nodes += [n("Mul", ["qt4", "sqrt_scale"], ["qs"], name="q_scale"),
-              n("Mul", ["kT", "sqrt_scale"], ["ks_"], name="k_scale"),
-              n("MatMul", ["qs", "ks_"], ["scores"], name="qk"),
-              n("Add", ["scores", "mask"], ["masked"], name="mask_add"),
-              n("Softmax", ["masked"], ["p0"], axis=-1, name="softmax"),
-              n("IsNaN", ["p0"], ["nan"], name="is_nan"),
-              n("Where", ["nan", "zero_f", "p0"], ["probs"], name="nan_guard"),
-              n("MatMul", ["probs", "vt4"], ["ctx"], name="pv"),
-              n("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3], name="ctx_t"),
-              n("Reshape", ["ctx_t", "merged"], ["heads_out"], allowzero=1, name="merge"),
+    nodes += _scaled_attention("qt4", "kT", "vt4", "mask")
+    nodes += [n("Reshape", ["ctx_t", "merged"], ["heads_out"], allowzero=1, name="merge"),
               n("MatMul", ["heads_out", "wo"], ["y0"], name="out_proj"),
               n("Add", ["y0", "bo"], ["y"], name="out_bias")]
     ints = {"m1": [-1], "m2": [-2], "big": [BIG], "small": [-BIG - 1], "zero": [0],
@@ -324,6 +323,17 @@ def conv1d_mlp(shared_target: bool = False, seed: int = 0) -> tuple[onnx.ModelPr
     return model, {"x": x}
 
 
+def _assert_one_neuron_less(model: onnx.ModelProto, slimmed: onnx.ModelProto,
+                            feeds: dict[str, np.ndarray]) -> None:
+    """The planted duplicate FFN neuron is gone (w1 has F - 1 columns), nothing else
+    changed the function, and the model is valid."""
+    w1 = next(numpy_helper.to_array(t) for t in slimmed.graph.initializer
+              if t.name.startswith("w1"))
+    assert w1.shape == (D, F - 1)
+    onnx.checker.check_model(slimmed, full_check=True)
+    assert_same_function(model, slimmed, feeds=feeds, rtol=1e-5, atol=1e-5)
+
+
 def test_conv1d_flatten_gemm_and_gelu_new_neurons_are_free():
     """The Gemm's rows are B*T ('B*5' from the flatten, not a fresh symbol), so the view
     back maps them onto [B, T]; Pow by a constant is element-wise: a duplicate neuron
@@ -333,11 +343,7 @@ def test_conv1d_flatten_gemm_and_gelu_new_neurons_are_free():
     ffn = [g for g in groups.groups.values() if any(m.node == "fc" for m in g.members)]
     assert [(g.size, g.frozen) for g in ffn] == [(F, None)]
     result = slim(model, latency_runs=0)
-    w1 = next(numpy_helper.to_array(t) for t in result.model.graph.initializer
-              if t.name.startswith("w1"))
-    assert w1.shape == (D, F - 1)
-    onnx.checker.check_model(result.model, full_check=True)
-    assert_same_function(model, result.model, feeds=feeds, rtol=1e-5, atol=1e-5)
+    _assert_one_neuron_less(model, result.model, feeds)
 
 
 def test_width_literal_in_a_shared_computed_target_is_never_left_stale():
@@ -346,11 +352,7 @@ def test_width_literal_in_a_shared_computed_target_is_never_left_stale():
     Reshape gets a private target [-1, T, F - 1] (T is static), the other keeps F."""
     model, feeds = conv1d_mlp(shared_target=True)
     result = slim(model, latency_runs=0)
-    w1 = next(numpy_helper.to_array(t) for t in result.model.graph.initializer
-              if t.name.startswith("w1"))
-    assert w1.shape == (D, F - 1)
-    onnx.checker.check_model(result.model, full_check=True)
-    assert_same_function(model, result.model, feeds=feeds, rtol=1e-5, atol=1e-5)
+    _assert_one_neuron_less(model, result.model, feeds)
 
 
 def _shared_view_target_model() -> onnx.ModelProto:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -195,29 +193,14 @@ def _heads(model: onnx.ModelProto) -> str:
 def sweep(out: Path, only: list[str] | None, calibrated: bool) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import heldout_sweep as hs
-    from bench_coverage import Result, coverage
 
     rows = []
     for path in sorted(out.glob("*.onnx")):
         if only and not any(m in path.name for m in only):
             continue
-        result, start = Result(path.stem), time.time()
-        model = onnx.load(str(path))
-        try:
-            coverage(model, result)
-        except Exception as exc:  # a sweep shows every failure, it never stops on one
-            result.crashes += 1
-            result.details.append(f"analyze CRASH {type(exc).__name__}: {exc}"[:300])
-        calib, test = make_feeds(model, N_CALIB, 0), make_feeds(model, N_TEST, 1)
-        with tempfile.TemporaryDirectory() as d:
-            tmp = Path(d)
-            code, err, _ = hs.cli([str(path), "--inspect"])
-            if code != 0:
-                hs._count(result, code, f"inspect exit {code}: {err}")
-            ex = hs.exact_row(path, tmp, test, result)
-            cal = hs.calibrated_row(path, tmp, calib, test, result) if calibrated else "-"
-        result.seconds = time.time() - start
-        rows.append((result, _heads(model) if code == 0 else f"exit {code}", ex, cal))
+        result, inspect, ex, cal = hs.sweep_one(path, calibrated, make_feeds, (N_CALIB, N_TEST))
+        heads = _heads(onnx.load(str(path))) if inspect == "0" else inspect
+        rows.append((result, heads, ex, cal))
         print(hs.render(rows[-1:]).splitlines()[2], file=sys.stderr, flush=True)
     print(hs.render(rows))
 

@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -226,7 +227,14 @@ def _count(result: Result, code: int, line: str) -> None:
     result.details.append(line[:300])
 
 
-def sweep_one(path: Path, calibrated: bool = True) -> tuple[Result, str, str, str]:
+Feeds = Callable[[onnx.ModelProto, int, int], dict[str, np.ndarray]]  # (model, n, seed)
+
+
+def sweep_one(path: Path, calibrated: bool = True, feeds: Feeds | None = None,
+              sizes: tuple[int, int] = (N_CALIB, N_TEST)) -> tuple[Result, str, str, str]:
+    """One model's row: coverage, --inspect, exact and calibrated runs of the CLI, on
+    `sizes` calibration / test samples from `feeds` (default make_feeds)."""
+    feeds = feeds or make_feeds
     result, start = Result(path.stem), time.time()
     model = onnx.load(str(path))
     try:
@@ -234,7 +242,7 @@ def sweep_one(path: Path, calibrated: bool = True) -> tuple[Result, str, str, st
     except Exception as exc:  # a sweep shows every failure, it never stops on one
         result.crashes += 1
         result.details.append(f"analyze CRASH {type(exc).__name__}: {exc}"[:300])
-    calib, test = make_feeds(model, N_CALIB, 0), make_feeds(model, N_TEST, 1)
+    calib, test = feeds(model, sizes[0], 0), feeds(model, sizes[1], 1)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         code, err, _ = cli([str(path), "--inspect"])
