@@ -172,13 +172,13 @@ class Folds:
                       self.halves[1].merged(other.halves[1])))
 
     def solve(self, prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        a, b = self.halves
+        a, b = (half.unshifted() for half in self.halves)  # once: merged and outputs read both
         whole = a.merged(b)
         if min(a.count, b.count) == 0:
             return whole.solve(prior)
         if whole.count >= PLENTY * len(whole.sum_s):
             # overfitting is about kept / rows of the noise: negligible here, and choosing
-            # costs twelve solves (it tripled a ResNet-50's refit, whose rows are conv maps)
+            # costs up to twelve solves (it tripled a ResNet-50's refit, whose rows are conv maps)
             return whole.solve(prior, RIDGE)
         rows = np.unique(np.linspace(0, len(prior) - 1, CHOICE_ROWS).astype(int))
         a, b, sub = a.outputs(rows), b.outputs(rows), prior[rows]
