@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextvars
+import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -48,3 +49,32 @@ class Background:
         context = contextvars.copy_context()
         context.run(_LEFT.set, self._left)
         return self._pool.submit(context.run, fn, *args).result
+
+    def stream(self, produce: Callable[[], Iterable[T]]) -> Iterator[T]:
+        """The items of `produce()`, computed on a worker and handed out in order as each is
+        ready: the caller's numpy work on one item overlaps onnxruntime's on the next. An
+        exception in `produce` comes out here, after the items made before it."""
+        ready: queue.SimpleQueue = queue.SimpleQueue()
+
+        def work() -> None:
+            try:
+                for item in produce():
+                    ready.put((True, item))
+                    check_cancelled()
+            except BaseException as exc:  # handed to the caller, raised there
+                ready.put((False, exc))
+            else:
+                ready.put((False, None))
+
+        return _drain(ready, self.run(work))  # submitted now: before later calls run
+
+
+def _drain(ready: queue.SimpleQueue, finished: Callable[[], None]) -> Iterator:
+    while True:
+        ok, item = ready.get()
+        if not ok:
+            finished()
+            if item is not None:
+                raise item
+            return
+        yield item

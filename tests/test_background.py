@@ -36,3 +36,46 @@ def test_background_calls_overlap_the_caller():
         later = background.run(lambda: go.wait(5))
         go.set()
         assert later() is True
+
+
+def test_a_stream_hands_out_items_in_order_while_the_caller_works_on_each():
+    """Item n+1 is made while the caller holds item n: it waits for an event only the
+    caller sets after taking item n."""
+    taken = [threading.Event() for _ in range(3)]
+
+    def produce():
+        for i in range(len(taken)):
+            if i:
+                assert taken[i - 1].wait(5)  # made while the caller has the item before
+            yield i
+
+    with Background(workers=1) as background:
+        got = []
+        for item in background.stream(produce):
+            got.append(item)
+            taken[item].set()
+    assert got == [0, 1, 2]
+
+
+def test_a_streams_error_comes_out_after_the_items_made_before_it():
+    def produce():
+        yield "first"
+        raise InternalError("the slimmed stage does not run")
+
+    with Background(workers=1) as background:
+        items = background.stream(produce)
+        assert next(items) == "first"
+        with pytest.raises(InternalError, match="does not run"):
+            next(items)
+
+
+def test_a_stream_is_queued_when_asked_for_not_when_first_read():
+    """The refit queues the slimmed stage, then the original's next one: they must run in
+    that order on one worker."""
+    order = []
+    with Background(workers=1) as background:
+        items = background.stream(lambda: iter([order.append("stream") or 1]))
+        later = background.run(lambda: order.append("run"))
+        later()
+        assert list(items) == [1]
+    assert order == ["stream", "run"]
