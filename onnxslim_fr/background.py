@@ -50,31 +50,48 @@ class Background:
         context.run(_LEFT.set, self._left)
         return self._pool.submit(context.run, fn, *args).result
 
-    def stream(self, produce: Callable[[], Iterable[T]]) -> Iterator[T]:
+    def stream(self, produce: Callable[[], Iterable[T]], ahead: int = 0) -> Iterator[T]:
         """The items of `produce()`, computed on a worker and handed out in order as each is
-        ready: the caller's numpy work on one item overlaps onnxruntime's on the next. An
-        exception in `produce` comes out here, after the items made before it."""
-        ready: queue.SimpleQueue = queue.SimpleQueue()
+        ready: the caller's numpy work on one item overlaps onnxruntime's on the next. At
+        most `ahead` finished items wait for the caller (0: any number), so large items do
+        not pile up when the caller is the slower. An exception in `produce` comes out
+        here, after the items made before it."""
+        ready: queue.Queue = queue.Queue(maxsize=ahead)
+        gone = threading.Event()  # the caller dropped the stream: stop making items
+
+        def hand(entry: tuple[bool, object]) -> None:
+            while not gone.is_set():
+                try:
+                    ready.put(entry, timeout=0.1)
+                    return
+                except queue.Full:
+                    check_cancelled()
 
         def work() -> None:
             try:
                 for item in produce():
-                    ready.put((True, item))
+                    hand((True, item))
                     check_cancelled()
+                    if gone.is_set():
+                        return
             except BaseException as exc:  # handed to the caller, raised there
-                ready.put((False, exc))
+                hand((False, exc))
             else:
-                ready.put((False, None))
+                hand((False, None))
 
-        return _drain(ready, self.run(work))  # submitted now: before later calls run
+        return _drain(ready, self.run(work), gone)  # submitted now: before later calls run
 
 
-def _drain(ready: queue.SimpleQueue, finished: Callable[[], None]) -> Iterator:
-    while True:
-        ok, item = ready.get()
-        if not ok:
-            finished()
-            if item is not None:
-                raise item
-            return
-        yield item
+def _drain(ready: queue.Queue, finished: Callable[[], None], gone: threading.Event
+           ) -> Iterator:
+    try:
+        while True:
+            ok, item = ready.get()
+            if not ok:
+                finished()
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        gone.set()

@@ -10,7 +10,7 @@ bounded too (ROWS_PER_CHANNEL observations per channel, positions subsampled bey
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from . import progress
+from .background import Background
 from .channels.layout import Layout
 from .channels.structures import GroupSet
 from .errors import BadDataError
@@ -240,12 +241,38 @@ def collect(model: onnx.ModelProto, groups: GroupSet, data: Dataset) -> ChannelS
     # One BLAS thread: the Gram products are a few percent of the forward pass's FLOPs,
     # so threads gain little, and on a busy machine their spin-waits cost 20x (ResNet-50
     # read points, 2 cores shared with other work: 2.6 s a batch on two threads, 0.13 s on one).
-    with threadpool_limits(limits=1, user_api="blas"):
-        for batch in bar:
-            _add_batch(stats, groups, wanted, dict(zip(tensors, sess.run(tensors, batch),
-                                                       strict=True)), len(data.batches))
+    with threadpool_limits(limits=1, user_api="blas"), Background(workers=1) as worker:
+        for batch, values in zip(bar, _read_points(sess, tensors, data.batches, worker),
+                                 strict=True):
+            _add_batch(stats, groups, wanted, values, len(data.batches))
             stats.samples += len(next(iter(batch.values())))
     return stats
+
+
+#: A batch's read-point values up to this size are computed while the one before is
+#: being summed (worker thread: at most two more batches alive); larger ones one at a time.
+AHEAD_BYTES = 512 * 1024**2
+
+
+def _read_points(sess, tensors: list[str], batches: list[dict[str, np.ndarray]],
+                 worker: Background) -> Iterator[dict[str, np.ndarray]]:
+    """Read-point values per batch. The first batch runs here and measures a batch's size;
+    when it is small enough the rest run on `worker`, one batch ahead of the caller's
+    sums (ResNet-50, 256 images: the Grams took a third of the pass after it)."""
+    def values(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(tensors, sess.run(tensors, batch), strict=True))
+
+    if not batches:
+        return
+    first = values(batches[0])
+    size = sum(v.nbytes for v in first.values())
+    yield first
+    del first
+    rest = batches[1:]
+    if size > AHEAD_BYTES:
+        yield from map(values, rest)
+    else:
+        yield from worker.stream(lambda: map(values, rest), ahead=1)
 
 
 def _add_batch(stats: ChannelStats, groups: GroupSet, wanted: list[tuple[str, int]],

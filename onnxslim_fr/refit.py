@@ -45,7 +45,7 @@ from .runtime import session
 from .subgraph import cut, slice_of
 
 MAX_SAMPLES = 2048  # per stage; conv maps give every sample many rows
-CACHE_BYTES = 1 << 30  # kept read-point values of both models, all stages
+CACHE_BYTES = 5 << 28  # kept read-point values of both models, all stages
 
 
 @progress.phase("sequential refit")
@@ -174,9 +174,10 @@ def _by_tensor(stages: list[tuple[str, int]]) -> list[tuple[str, list[int]]]:
     return out
 
 
-def _affordable(tensors: list[str], graph: Graph, live: int = 4) -> int:
-    """Samples whose kept values fit CACHE_BYTES: about `live` float32 read points (two
-    models, a residual branch each) of the largest size at once."""
+def _affordable(tensors: list[str], graph: Graph, live: int = 5) -> int:
+    """Samples whose kept values fit CACHE_BYTES: about `live` float32 read points of the
+    largest size at once (two models, a residual branch each, and the original's next
+    stage, run ahead)."""
     largest = max((int(np.prod([d or 1 for d in (graph.shape(t) or (1,))[1:]])) for t in
                    tensors), default=1)
     return max(32, CACHE_BYTES // (4 * live * largest))

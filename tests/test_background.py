@@ -79,3 +79,19 @@ def test_a_stream_is_queued_when_asked_for_not_when_first_read():
         later()
         assert list(items) == [1]
     assert order == ["stream", "run"]
+
+
+def test_a_stream_the_caller_drops_stops_its_worker():
+    """Endless items, at most one waiting: once the caller stops reading, the worker must
+    stop too, or leaving the block would wait for it forever."""
+    def endless():
+        n = 0
+        while True:
+            n += 1
+            yield n
+
+    with Background(workers=1) as background:
+        items = background.stream(endless, ahead=1)
+        assert [next(items), next(items)] == [1, 2]
+        items.close()
+        assert background.run(lambda: "the worker is free again")() == "the worker is free again"

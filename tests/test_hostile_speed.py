@@ -228,3 +228,22 @@ def test_an_interrupted_caller_waits_for_one_probe_run_not_a_whole_probe(monkeyp
         time.sleep(0.3)
         raise KeyboardInterrupt
     assert time.perf_counter() - start < 1.5
+
+
+def test_calibration_statistics_are_the_same_whether_batches_run_ahead_or_in_turn(monkeypatch):
+    """Read points computed on a worker one batch ahead (calibrate.AHEAD_BYTES) must give
+    the sums batches in turn give, bit for bit, down to a last batch of one sample."""
+    model = _wider_net()
+    graph = Graph(model)
+    groups = build_groups(graph)
+    data = calibrate.load_data(_data(37), model, batch_size=8)
+
+    def sums() -> dict:
+        stats = calibrate.collect(model, groups, data)
+        assert stats.samples == 37
+        return {k: (p.count, p.total.tobytes(), p.gram.tobytes())
+                for k, p in stats.points.items()}
+
+    ahead = sums()
+    monkeypatch.setattr(calibrate, "AHEAD_BYTES", 0)
+    assert sums() == ahead
