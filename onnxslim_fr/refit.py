@@ -22,8 +22,7 @@ by MAX_SAMPLES and CACHE_BYTES, never by the calibration set's size.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -32,7 +31,6 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from . import progress, rewrite
-from .background import Background
 from .calibrate import ROWS_PER_CHANNEL, Dataset, channel_rows, row_stride
 from .channels.layout import Layout
 from .channels.structures import GroupSet
@@ -45,7 +43,7 @@ from .runtime import session
 from .subgraph import cut, slice_of
 
 MAX_SAMPLES = 2048  # per stage; conv maps give every sample many rows
-CACHE_BYTES = 5 << 28  # kept read-point values of both models, all stages
+CACHE_BYTES = 1 << 30  # kept read-point values of both models, all stages
 
 
 @progress.phase("sequential refit")
@@ -68,16 +66,7 @@ def refit(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
                 "refit")
     stages = _by_tensor(_stages(graph, groups, gids))
     batches = data.head(min(max_samples, _affordable([t for t, _ in stages], graph)))
-    with Background(workers=1) as worker:
-        return _refit_stages(work, graph, groups, plans,
-                             _StagedValues(graph, batches, [t for t, _ in stages], worker),
-                             stages)
-
-
-def _refit_stages(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: Plan,
-                  values: _StagedValues, stages: list[tuple[str, list[int]]]
-                  ) -> tuple[onnx.ModelProto, Plan]:
-    """Each stage's statistics as its batches come, its solve, and the next stage."""
+    values = _StagedValues(graph, batches, [t for t, _ in stages])
 
     def slimmed(sub: onnx.ModelProto) -> onnx.ModelProto:
         """The same slice with the plans as they are now."""
@@ -92,7 +81,7 @@ def _refit_stages(work: onnx.ModelProto, graph: Graph, groups: GroupSet, plans: 
         q = {g: _features_per_channel(groups, tensor, g) for g in stage_gids}
         paired = {g: Folds.empty(plans[g].size * q[g], len(plans[g].keep) * q[g],
                                  _kept_columns(plans[g].keep, q[g])) for g in stage_gids}
-        for ref, now in values.advance(tensor, slimmed):  # batch by batch, as they are run
+        for ref, now in zip(*values.advance(tensor, slimmed), strict=True):
             for g in stage_gids:
                 for k, _ in occurrences(groups, tensor, g):  # a repeated group pools them
                     _observe(paired[g], ref, now, lay, shrunk, k, values.count, q[g] > 1)
@@ -174,10 +163,9 @@ def _by_tensor(stages: list[tuple[str, int]]) -> list[tuple[str, list[int]]]:
     return out
 
 
-def _affordable(tensors: list[str], graph: Graph, live: int = 5) -> int:
-    """Samples whose kept values fit CACHE_BYTES: about `live` float32 read points of the
-    largest size at once (two models, a residual branch each, and the original's next
-    stage, run ahead)."""
+def _affordable(tensors: list[str], graph: Graph, live: int = 4) -> int:
+    """Samples whose kept values fit CACHE_BYTES: about `live` float32 read points (two
+    models, a residual branch each) of the largest size at once."""
     largest = max((int(np.prod([d or 1 for d in (graph.shape(t) or (1,))[1:]])) for t in
                    tensors), default=1)
     return max(32, CACHE_BYTES // (4 * live * largest))
@@ -190,15 +178,11 @@ class _StagedValues:
     Valid because a refit only edits consumers of the current read point, which are
     downstream of every earlier one. The slimmed stage is the same slice of the original
     with the current plans applied, so a stage costs its slice, not the whole model. A kept
-    value is dropped after its last reader.
-
-    onnxruntime runs on `worker` while the caller's numpy work goes on: the slimmed stage
-    batch by batch as the caller takes its statistics, then the original's next stage
-    (which no plan changes) while the caller solves this one."""
+    value is dropped after its last reader."""
 
     def __init__(self, work: Graph, batches: list[dict[str, np.ndarray]],
-                 tensors: list[str], worker: Background) -> None:
-        self.work, self.tensors, self.worker = work, tensors, worker
+                 tensors: list[str]) -> None:
+        self.work = work
         self.ref = {name: [b[name] for b in batches] for name in batches[0]}
         self.now = dict(self.ref)
         self.count = len(batches)
@@ -210,56 +194,25 @@ class _StagedValues:
             available.add(tensor)
         self.available = set(self.ref)
         self.stage = 0
-        self.ahead: tuple[str, onnx.ModelProto, Callable[[], list[np.ndarray]]] | None = None
 
     def advance(self, tensor: str, slimmed: Callable[[onnx.ModelProto], onnx.ModelProto]
-                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(original, slimmed) values of `tensor`, batch by batch."""
-        sub, ref = self._original(tensor)
-        self._keep(self.ref, tensor, ref)
+                ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Values of `tensor` in the original and in the slimmed model, per batch."""
+        sub = cut(self.work, [tensor], self.available)
+        ref, now = self._run(sub, self.ref, tensor), self._run(slimmed(sub), self.now, tensor)
         self.available.add(tensor)
-        now = self.worker.stream(functools.partial(
-            _outputs, slimmed(sub), self._feeds(sub, self.now)))
-        if self.stage + 1 < len(self.tensors):  # queued behind the slimmed stage
-            following = self.tensors[self.stage + 1]
-            ahead = cut(self.work, [following], self.available)
-            feeds = self._feeds(ahead, self.ref)
-            self.ahead = (following, ahead, self.worker.run(
-                lambda: list(_outputs(ahead, feeds))))
-        values = []
-        for r, n in zip(ref, now, strict=True):
-            values.append(n)
-            yield r, n
-        self._keep(self.now, tensor, values)
         for name in [n for n, last in self.last_use.items() if last <= self.stage]:
             self.ref.pop(name, None)
             self.now.pop(name, None)
             del self.last_use[name]
         self.stage += 1
+        return ref, now
 
-    def _original(self, tensor: str) -> tuple[onnx.ModelProto, list[np.ndarray]]:
-        """The stage's slice and the original's values, run ahead during the stage before."""
-        if self.ahead is not None and self.ahead[0] == tensor:
-            _, sub, ready = self.ahead
-            self.ahead = None
-            return sub, ready()
-        sub = cut(self.work, [tensor], self.available)
-        return sub, list(_outputs(sub, self._feeds(sub, self.ref)))
-
-    def _feeds(self, model: onnx.ModelProto, cache: dict[str, list[np.ndarray]]
-               ) -> list[dict[str, np.ndarray]]:
+    def _run(self, model: onnx.ModelProto, cache: dict[str, list[np.ndarray]],
+             tensor: str) -> list[np.ndarray]:
         names = [i.name for i in model.graph.input]
-        return [{n: cache[n][b] for n in names} for b in range(self.count)]
-
-    def _keep(self, cache: dict[str, list[np.ndarray]], tensor: str,
-              values: list[np.ndarray]) -> None:
-        if tensor in self.last_use:  # a later stage reads it
-            cache[tensor] = values
-
-
-def _outputs(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]
-             ) -> Iterator[np.ndarray]:
-    """`model`'s first output on each feed dict, one run at a time."""
-    sess = session(model, threads=1)
-    for f in feeds:
-        yield sess.run(None, f)[0]
+        sess = session(model)
+        out = [sess.run(None, {n: cache[n][b] for n in names})[0] for b in range(self.count)]
+        if tensor in self.last_use:
+            cache[tensor] = out
+        return out

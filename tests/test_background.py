@@ -70,8 +70,7 @@ def test_a_streams_error_comes_out_after_the_items_made_before_it():
 
 
 def test_a_stream_is_queued_when_asked_for_not_when_first_read():
-    """The refit queues the slimmed stage, then the original's next one: they must run in
-    that order on one worker."""
+    """Calls queued after a stream run after it on one worker."""
     order = []
     with Background(workers=1) as background:
         items = background.stream(lambda: iter([order.append("stream") or 1]))

@@ -19,7 +19,7 @@ import pytest
 from builders import Net
 from onnx import helper as h
 
-from onnxslim_fr import calibrate, probe, refit, refit_stats, slim, validate
+from onnxslim_fr import calibrate, probe, refit_stats, slim, validate
 from onnxslim_fr.background import Background
 from onnxslim_fr.channels import build_groups
 from onnxslim_fr.cli import main
@@ -156,8 +156,6 @@ class _Inline:
         value = fn(*args)
         return lambda: value
 
-    def stream(self, produce):
-        return iter(list(produce()))
 
 
 def _wider_net() -> onnx.ModelProto:
@@ -167,8 +165,7 @@ def _wider_net() -> onnx.ModelProto:
     return net.build(net.gemm(net.relu(net.gemm(net.flatten(net.gap(y)), 20)), 5))
 
 
-def test_probes_and_refit_runs_on_worker_threads_give_the_bytes_runs_in_turn_give(
-        monkeypatch):
+def test_probes_on_worker_threads_give_the_bytes_probes_in_turn_give(monkeypatch):
     model, data = _wider_net(), _data(64)
 
     def digest() -> tuple[str, float]:
@@ -178,8 +175,6 @@ def test_probes_and_refit_runs_on_worker_threads_give_the_bytes_runs_in_turn_giv
     threaded = digest()
     assert digest() == threaded  # run to run
     monkeypatch.setattr(redundancy, "Background", _Inline)
-    assert digest() == threaded
-    monkeypatch.setattr(refit, "Background", _Inline)  # the refit's stages in turn too
     assert digest() == threaded
 
 
