@@ -234,7 +234,7 @@ def test_a_probe_measures_each_plan_once(monkeypatch):
     time: the same plan is measured once; a different keep set or merge is measured anew."""
     model, graph, groups, data, plan = _probe_setup()
     built, real = [], probe.session
-    monkeypatch.setattr(probe, "session", lambda m, *a: built.append(m) or real(m, *a))
+    monkeypatch.setattr(probe, "session", lambda m, *a, **k: built.append(m) or real(m, *a, **k))
     measure = probe.OutputErrorProbe(model, graph, groups, data.batches[:1])
     built.clear()
     (gid, trial), = plan.items()
