@@ -38,11 +38,14 @@ class Background:
         self._pool = ThreadPoolExecutor(max_workers=self.workers,
                                         thread_name_prefix="onnxslim-fr")
         self._left = threading.Event()
+        self._streams: list[threading.Event] = []  # each stream's "stop making items"
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         if kind is not None:  # calls still running stop at their next check_cancelled
             self._left.set()
+        for gone in self._streams:  # a stream nobody reads any more (never started, too)
+            gone.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def run(self, fn: Callable[..., T], *args: object) -> Callable[[], T]:
@@ -53,11 +56,13 @@ class Background:
     def stream(self, produce: Callable[[], Iterable[T]], ahead: int = 0) -> Iterator[T]:
         """The items of `produce()`, computed on a worker and handed out in order as each is
         ready: the caller's numpy work on one item overlaps onnxruntime's on the next. At
-        most `ahead` finished items wait for the caller (0: any number), so large items do
-        not pile up when the caller is the slower. An exception in `produce` comes out
-        here, after the items made before it."""
+        most `ahead` finished items wait in the queue and one more on the worker (0: any
+        number), so large items do not pile up when the caller is the slower. An exception
+        in `produce` comes out here, after the items made before it. The worker stops once
+        the caller drops the stream or leaves the block."""
         ready: queue.Queue = queue.Queue(maxsize=ahead)
-        gone = threading.Event()  # the caller dropped the stream: stop making items
+        gone = threading.Event()  # nobody reads the stream any more: stop making items
+        self._streams.append(gone)
 
         def hand(entry: tuple[bool, object]) -> None:
             while not gone.is_set():

@@ -187,31 +187,20 @@ class Folds:
             return b.loss(*a.solve(sub, ridge)) + a.loss(*b.solve(sub, ridge))
 
         # the best ridge falls about as 1 / rows: the whole has twice a half's
-        start = ridge_for(len(whole.sum_s), min(a.count, b.count))
-        return whole.solve(prior, max(RIDGE, _downhill(RIDGES, crossed, start) / 2))
+        return whole.solve(prior, max(RIDGE, _first_minimum(RIDGES, crossed) / 2))
 
 
-def _downhill(ridges: tuple[float, ...], loss: Callable[[float], float], start: float
-              ) -> float:
-    """The ridge of least `loss`, walking downhill from the one nearest `start` (up first,
-    then down) and stopping once the loss rises: the held-out loss is U-shaped in the ridge,
-    its minimum is near the regressors / rows of `ridge_for`, and each try costs two k x k
-    factorizations (most of a ResNet-50's refit when every ridge was tried from 1e-4)."""
-    losses: dict[int, float] = {}
-
-    def at(i: int) -> float:
-        if i not in losses:
-            losses[i] = loss(ridges[i])
-        return losses[i]
-
-    first = int(np.argmin([abs(np.log(r / start)) for r in ridges]))
-    best = first
-    for step in (1, -1):
-        while 0 <= best + step < len(ridges) and at(best + step) < at(best):
-            best += step
-        if best != first:
+def _first_minimum(ridges: tuple[float, ...], loss: Callable[[float], float]) -> float:
+    """The ridge of least `loss`, trying them in increasing order and stopping once the loss
+    rises: the held-out loss is U-shaped in the ridge, and each try costs two k x k
+    factorizations (most of a ResNet-50's refit when every ridge was tried)."""
+    best, best_loss = ridges[0], loss(ridges[0])
+    for ridge in ridges[1:]:
+        value = loss(ridge)
+        if value >= best_loss:
             break
-    return ridges[best]
+        best, best_loss = ridge, value
+    return best
 
 
 def _ridge_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -94,3 +94,25 @@ def test_a_stream_the_caller_drops_stops_its_worker():
         assert [next(items), next(items)] == [1, 2]
         items.close()
         assert background.run(lambda: "the worker is free again")() == "the worker is free again"
+
+
+@pytest.mark.parametrize("drop", ["close", "hold"])
+def test_a_stream_never_read_does_not_keep_its_block_from_ending(drop):
+    """A generator never started runs no cleanup of its own: leaving the block must still
+    stop the worker (it waits on a full queue), or the block would never end."""
+    def endless():
+        n = 0
+        while True:
+            n += 1
+            yield n
+
+    def block() -> None:
+        with Background(workers=1) as background:
+            items = background.stream(endless, ahead=1)
+            if drop == "close":
+                items.close()
+
+    runner = threading.Thread(target=block, daemon=True)
+    runner.start()
+    runner.join(10)
+    assert not runner.is_alive()

@@ -200,24 +200,6 @@ def test_a_refit_with_fewer_rows_than_channels_does_not_interpolate_them():
     assert refit_stats.ridge_for(8, 10**6) == refit_stats.RIDGE
 
 
-@pytest.mark.parametrize("best", refit_stats.RIDGES)
-def test_the_ridge_search_walks_downhill_to_a_u_shaped_losss_minimum_from_any_start(best):
-    tried: list[float] = []
-
-    def loss(ridge: float) -> float:
-        tried.append(ridge)
-        return (np.log10(ridge) - np.log10(best)) ** 2
-
-    for start in (1e-6, *refit_stats.RIDGES, 1e3):
-        tried.clear()
-        assert refit_stats._downhill(refit_stats.RIDGES, loss, start) == best
-        assert len(set(tried)) == len(tried)  # each ridge's two factorizations once
-    tried.clear()
-    refit_stats._downhill(refit_stats.RIDGES, loss, best)
-    assert len(tried) <= 3  # a good guess: itself and its two neighbours
-
-
-
 def _replanned(trial, keep: np.ndarray, shift: float = 0.0) -> dict:
     """A new plan object for `trial`'s group keeping `keep`: `trial`'s merge rows when it
     keeps the same channels (else none), offsets moved by `shift`."""

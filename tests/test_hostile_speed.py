@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,3 +243,32 @@ def test_calibration_statistics_are_the_same_whether_batches_run_ahead_or_in_tur
     ahead = sums()
     monkeypatch.setattr(calibrate, "AHEAD_BYTES", 0)
     assert sums() == ahead
+
+
+def test_batches_over_the_run_ahead_size_run_one_at_a_time(monkeypatch):
+    """Past calibrate.AHEAD_BYTES (or with batches of other shapes than the first) a batch's
+    read points are gone before the next batch runs: the bound that keeps a ResNet-50 at
+    batch 64 (2 GB of read points a batch) from holding three."""
+    model = _wider_net()
+    groups = build_groups(Graph(model))
+    alive: list[weakref.ref] = []
+    left_over: list[int] = []
+    real = calibrate.session
+
+    class Counted:
+        def __init__(self, sess) -> None:
+            self.sess = sess
+
+        def run(self, names, feeds):
+            left_over.append(sum(r() is not None for r in alive))  # earlier batches' outputs
+            outs = self.sess.run(names, feeds)
+            alive.extend(weakref.ref(o) for o in outs)
+            return outs
+
+    monkeypatch.setattr(calibrate, "session", lambda m, *a, **k: Counted(real(m, *a, **k)))
+    for ahead_bytes, sizes in ((0, [8] * 5), (10**9, [1, 8, 8, 8])):
+        monkeypatch.setattr(calibrate, "AHEAD_BYTES", ahead_bytes)
+        left_over.clear()
+        data = calibrate.load_data([_data(n, seed=n) for n in sizes], model)
+        calibrate.collect(model, groups, data)
+        assert len(left_over) == len(sizes) and max(left_over) == 0
