@@ -12,12 +12,15 @@ data and solves, by ridge least squares on centred paired statistics,
 layer thus reconstructs the *original* input of its consumers from what actually reaches
 it, compensating the errors of all layers before it: He et al.'s and ThiNet's sequential
 reconstruction, post-training. Groups with nothing removed are refit too, so they absorb
-the drift from upstream. Attention heads are refit feature by feature (plan.features): the
-output projection is re-solved against the original block's input over every kept
-feature, Kwon et al.'s layer-wise reconstruction (lumping/head_merge.py). Statistics
-are O(C²) per read point, from at most calibrate.ROWS_PER_CHANNEL observations per channel
-(positions subsampled as calibration does); the values kept between stages are bounded
-by MAX_SAMPLES and CACHE_BYTES, never by the calibration set's size.
+the drift from upstream: refitting only the slimmed ones halved a ResNet-50's refit, but
+the digits CNN at 0.35 of its FLOPs then lost 2.2 points of accuracy instead of 0.6 (its
+hidden Gemm layer, unslimmed, is the last place to correct the convolutions' drift).
+Attention heads are refit feature by feature (plan.features): the output projection is
+re-solved against the original block's input over every kept feature, Kwon et al.'s
+layer-wise reconstruction (lumping/head_merge.py). Statistics are O(C²) per read point,
+from at most calibrate.ROWS_PER_CHANNEL observations per channel (positions subsampled as
+calibration does); the values kept between stages are bounded by MAX_SAMPLES and
+CACHE_BYTES, never by the calibration set's size.
 """
 
 from __future__ import annotations
