@@ -83,14 +83,8 @@ def test_a_stream_is_queued_when_asked_for_not_when_first_read():
 def test_a_stream_the_caller_drops_stops_its_worker():
     """Endless items, at most one waiting: once the caller stops reading, the worker must
     stop too, or leaving the block would wait for it forever."""
-    def endless():
-        n = 0
-        while True:
-            n += 1
-            yield n
-
     with Background(workers=1) as background:
-        items = background.stream(endless, ahead=1)
+        items = background.stream(_endless, ahead=1)
         assert [next(items), next(items)] == [1, 2]
         items.close()
         assert background.run(lambda: "the worker is free again")() == "the worker is free again"
@@ -100,15 +94,9 @@ def test_a_stream_the_caller_drops_stops_its_worker():
 def test_a_stream_never_read_does_not_keep_its_block_from_ending(drop):
     """A generator never started runs no cleanup of its own: leaving the block must still
     stop the worker (it waits on a full queue), or the block would never end."""
-    def endless():
-        n = 0
-        while True:
-            n += 1
-            yield n
-
     def block() -> None:
         with Background(workers=1) as background:
-            items = background.stream(endless, ahead=1)
+            items = background.stream(_endless, ahead=1)
             if drop == "close":
                 items.close()
 
@@ -116,3 +104,10 @@ def test_a_stream_never_read_does_not_keep_its_block_from_ending(drop):
     runner.start()
     runner.join(10)
     assert not runner.is_alive()
+
+
+def _endless():
+    n = 0
+    while True:
+        n += 1
+        yield n
