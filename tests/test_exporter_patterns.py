@@ -236,3 +236,52 @@ def test_params_target_counts_every_parameter_the_slimming_removes():
     per_channel = 3 * 9 + 4 + 9 + 1 + 4 * 4 * 2  # conv row, BN, depthwise, bias, Gemm cols
     # the Gemm's own bias scales with its inputs too in the cost model: off by 2 * 4/8
     assert costs.total({gid: 4}) == pytest.approx(params(model) - 4 * per_channel, abs=1)
+
+
+def tf2onnx_dense_on_sequence(width: int = 6, hidden: int = 12) -> onnx.ModelProto:
+    """Keras Dense on a [B, T, C] sequence as tf2onnx writes it (Tensordot): flatten the
+    rows, MatMul, then a Reshape whose target is Concat(Shape(x)[0:2], [hidden]). Shape
+    inference gives the MatMul's rows a fresh symbol, unrelated to B*T. Hidden units 1 and
+    2 are copies of unit 0 and unit 3 is dead (exact mode removes them)."""
+    w1 = RNG.standard_normal((width, hidden)).astype(np.float32)
+    w1[:, 1] = w1[:, 0]
+    w1[:, 2] = 2 * w1[:, 0]
+    w1[:, 3] = 0
+    inits = [_init("w1", w1), _init("w2", RNG.standard_normal((hidden, width)).astype(np.float32)),
+             _init("rows_in", np.array([-1, width], np.int64)),
+             _init("rows_hidden", np.array([-1, hidden], np.int64)),
+             _init("free", np.array([0, 1], np.int64)),
+             _init("hidden", np.array([hidden], np.int32)),
+             _init("width", np.array([width], np.int32))]
+
+    def dense(x: str, w: str, rows: str, size: str, y: str) -> list[onnx.NodeProto]:
+        return [helper.make_node("Reshape", [x, rows], [f"{y}_rows"]),
+                helper.make_node("MatMul", [f"{y}_rows", w], [f"{y}_mm"]),
+                helper.make_node("Shape", [x], [f"{y}_shape"]),
+                helper.make_node("Cast", [f"{y}_shape"], [f"{y}_shape32"], to=TensorProto.INT32),
+                helper.make_node("Gather", [f"{y}_shape32", "free"], [f"{y}_free"], axis=0),
+                helper.make_node("Concat", [f"{y}_free", size], [f"{y}_tgt32"], axis=0),
+                helper.make_node("Cast", [f"{y}_tgt32"], [f"{y}_tgt"], to=TensorProto.INT64),
+                helper.make_node("Reshape", [f"{y}_mm", f"{y}_tgt"], [y])]
+
+    nodes = [*dense("x", "w1", "rows_in", "hidden", "h"), helper.make_node("Relu", ["h"], ["r"]),
+             *dense("r", "w2", "rows_hidden", "width", "y")]
+    graph = helper.make_graph(
+        nodes, "tf2onnx_dense", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                               ["unk__1", 5, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["unk__1", 5, width])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
+                             ir_version=10)
+
+
+def test_tf2onnx_dense_on_a_sequence_has_slimmable_hidden_units():
+    model = tf2onnx_dense_on_sequence()
+    hidden = next(r for r in analyze(model)[1] if r["size"] == 12)
+    assert hidden["frozen"] is None
+    result = slim(model, latency_runs=0)
+    assert next(r for r in result.report.groups if r["size"] == 12)["kept"] == 9
+    assert_same_function(model, result.model)
+    data = {"x": RNG.standard_normal((64, 5, 6)).astype(np.float32)}
+    calibrated = slim(model, data=data, ratio=0.4, round_to=1, latency_runs=0)
+    assert next(r for r in calibrated.report.groups if r["size"] == 12)["kept"] < 9
+    onnx.checker.check_model(calibrated.model, full_check=True)

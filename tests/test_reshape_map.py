@@ -14,9 +14,14 @@ from onnxslim_fr.channels.reshape_map import move_axis
     (["B", "T", 4, 16], ["B", "T", 64], 2, (2,), 1, 16, ()),  # heads merged back
     (["B", "T", 4, 16], ["B", "T", 64], 3, (2,), 4, 1, ()),  # head dim merged back
     (["unk0", 6, 8, 8], ["unk1", 384], 1, (1,), 1, 64, ()),  # a -1 batch gets a new symbol
+    (["X", 48], ["B", 16, 48], 1, (2,), 1, 1, ()),  # tf2onnx Dense: MatMul rows X = B*16
+    (["X", 48], ["B", 16, 48], 0, None, None, None, None),  # the rows hold no channels
 ])
 def test_channel_axis_is_followed_through_reshape(src, dst, axis, out_axes, outer, inner, split):
     move = move_axis(src, dst, axis)
+    if out_axes is None:  # a dynamic axis: never a channel axis
+        assert move is None
+        return
     assert move is not None
     assert (move.out_axes, move.outer, move.inner, move.split) == (out_axes, outer, inner, split)
 

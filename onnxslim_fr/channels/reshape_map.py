@@ -112,12 +112,26 @@ def unify(src: list[Dim], dst: list[Dim]) -> list[Dim]:
     return dst
 
 
+def _unified_src(src: list[Dim], dst: list[Dim]) -> list[Dim]:
+    """`src` with its one unmatched symbol written as `dst`'s times a number, when `dst`'s
+    static part is that multiple of `src`'s: shape inference gives a MatMul's rows a fresh
+    symbol, so tf2onnx's Dense on a sequence reads ``['X', 48] -> [B, 16, 48]`` (X = B*16)."""
+    only_src = [d for d in src if isinstance(d, str) and d not in dst]
+    only_dst = [d for d in dst if isinstance(d, str) and d not in src]
+    low, high = (_prod(d for d in dims if isinstance(d, int)) for dims in (src, dst))
+    if len(only_src) == 1 and len(only_dst) == 1 and "*" not in only_dst[0] and \
+            0 < low < high and high % low == 0:
+        return [f"{only_dst[0]}*{high // low}" if d == only_src[0] else d for d in src]
+    return src
+
+
 def move_axis(src: list[Dim], dst: list[Dim], axis: int) -> AxisMove | None:
     """Where `axis` of `src` goes in `dst`; None when it cannot be told (then channels
     may mix and the caller freezes)."""
     if not isinstance(src[axis], int):
         return None
-    pairs = blocks(src, unify(src, dst))
+    dst = unify(src, dst)
+    pairs = blocks(_unified_src(src, dst), dst)
     if pairs is None:
         return None
     for ins, outs in pairs:
