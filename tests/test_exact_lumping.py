@@ -29,6 +29,30 @@ def test_positive_multiple_is_removed_through_relu():
     assert removed(slim_exact(b.build(y))) == 2
 
 
+def test_a_neuron_that_differs_only_in_a_tiny_weight_is_not_a_duplicate():
+    """Neuron 9 is neuron 2 plus 1e-5 times input 0 (a zero weight in neuron 2). Merged, the
+    model is off by that weight times the input: 1e-5 on standard-normal inputs, under
+    the exact tolerance, but as large as the output on a raw feature of 1e5."""
+    b = Net((None, 12))
+    h1 = b.gemm(b.x, 16)
+    y = b.gemm(b.relu(h1), 5)
+    w, _, axis = b._rows(h1)
+    np.moveaxis(w, axis, 0)[2, 0] = 0.0
+    b.scale_filter(h1, src=2, dst=9, factor=1.0)
+    np.moveaxis(w, axis, 0)[9, 0] = 1e-5 * np.abs(w).max()
+    result = slim_exact(b.build(y))
+    assert removed(result) == 0
+
+
+def test_copies_of_a_filter_rounded_apart_by_float32_are_still_duplicates():
+    b, gemm, y = _mlp()
+    b.scale_filter(gemm, src=3, dst=7, factor=0.7)  # 0.7 * w rounds each weight to float32
+    w, _, axis = b._rows(gemm)
+    rows = np.moveaxis(w, axis, 0)
+    assert not np.array_equal(rows[7] / 0.7, rows[3])
+    assert removed(slim_exact(b.build(y))) == 1
+
+
 def test_positive_multiple_is_kept_through_sigmoid():
     b = Net((None, 12))
     h1 = b.gemm(b.x, 16)

@@ -31,6 +31,10 @@ from ..graph import Graph
 
 CONST = -1
 RTOL, ATOL = 1e-5, 1e-9
+#: A weight equals the other row's within this share of itself: copies of one filter with
+#: BatchNorm folded in differ by a float32 rounding or two, while a different filter may
+#: differ only in weights far below the row's largest, which large inputs make count.
+ROW_RTOL = 1e-5
 
 
 @dataclass
@@ -74,15 +78,20 @@ def _refine(labels: np.ndarray, col: np.ndarray) -> np.ndarray:
 
 
 def row_labels(rows: np.ndarray) -> np.ndarray:
-    """Labels of equal rows (within tolerance): sort by a random projection, then verify."""
+    """Labels of equal rows: sort by a random projection, then verify weight by weight.
+
+    Each weight must match within ROW_RTOL of itself, not of the row's largest: a weight of
+    1e-5 against 0 is a different filter, and an input feature of 1e5 (raw tabular or
+    sensor data) makes it count as much as the largest weight."""
     n = len(rows)
     labels = np.full(n, -1, dtype=np.int64)
     if n == 0:
         return labels
-    proj = rows @ np.random.default_rng(0).standard_normal(rows.shape[1])
+    gauss = np.random.default_rng(0).standard_normal(rows.shape[1])
+    proj = rows @ gauss
+    # |proj_j - proj_i| <= sum_k |r_jk - r_ik| |g_k| <= ROW_RTOL sum_k max(|r_jk|, |r_ik|) |g_k|
+    window = 2 * ROW_RTOL * float(np.max(np.abs(rows) @ np.abs(gauss)))
     order = np.argsort(proj)
-    tol = 1e-5 * (1.0 + np.abs(rows).max())
-    window = tol * np.sqrt(rows.shape[1]) * 4
     for a, i in enumerate(order):
         if labels[i] >= 0:
             continue
@@ -90,7 +99,8 @@ def row_labels(rows: np.ndarray) -> np.ndarray:
         for j in order[a + 1:]:
             if proj[j] - proj[i] > window:
                 break
-            if labels[j] < 0 and np.max(np.abs(rows[j] - rows[i])) <= tol:
+            if labels[j] < 0 and np.all(np.abs(rows[j] - rows[i]) <= ROW_RTOL * np.maximum(
+                    np.abs(rows[j]), np.abs(rows[i]))):
                 labels[j] = i
     return labels
 
