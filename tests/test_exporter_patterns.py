@@ -238,11 +238,12 @@ def test_params_target_counts_every_parameter_the_slimming_removes():
     assert costs.total({gid: 4}) == pytest.approx(params(model) - 4 * per_channel, abs=1)
 
 
-def tf2onnx_dense_on_sequence(width: int = 6, hidden: int = 12) -> onnx.ModelProto:
-    """Keras Dense on a [B, T, C] sequence as tf2onnx writes it (Tensordot): flatten the
-    rows, MatMul, then a Reshape whose target is Concat(Shape(x)[0:2], [hidden]). Shape
-    inference gives the MatMul's rows a fresh symbol, unrelated to B*T. Hidden units 1 and
-    2 are copies of unit 0 and unit 3 is dead (exact mode removes them)."""
+def tf2onnx_dense_on_sequence(width: int = 6, hidden: int = 12, positions: tuple = (5,)
+                              ) -> onnx.ModelProto:
+    """Keras Dense on a [B, *positions, C] tensor as tf2onnx writes it (Tensordot): flatten
+    the rows, MatMul, then a Reshape whose target is Cast(Concat(Shape(x)[:-1], [hidden])).
+    Shape inference gives the MatMul's rows a fresh symbol, unrelated to B*T. Hidden units
+    1 and 2 are copies of unit 0 and unit 3 is dead (exact mode removes them)."""
     w1 = RNG.standard_normal((width, hidden)).astype(np.float32)
     w1[:, 1] = w1[:, 0]
     w1[:, 2] = 2 * w1[:, 0]
@@ -250,7 +251,7 @@ def tf2onnx_dense_on_sequence(width: int = 6, hidden: int = 12) -> onnx.ModelPro
     inits = [_init("w1", w1), _init("w2", RNG.standard_normal((hidden, width)).astype(np.float32)),
              _init("rows_in", np.array([-1, width], np.int64)),
              _init("rows_hidden", np.array([-1, hidden], np.int64)),
-             _init("free", np.array([0, 1], np.int64)),
+             _init("free", np.arange(len(positions) + 1, dtype=np.int64)),
              _init("hidden", np.array([hidden], np.int32)),
              _init("width", np.array([width], np.int32))]
 
@@ -268,20 +269,26 @@ def tf2onnx_dense_on_sequence(width: int = 6, hidden: int = 12) -> onnx.ModelPro
              *dense("r", "w2", "rows_hidden", "width", "y")]
     graph = helper.make_graph(
         nodes, "tf2onnx_dense", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                               ["unk__1", 5, width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["unk__1", 5, width])], inits)
+                                                               ["unk__1", *positions, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["unk__1", *positions, width])],
+        inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
                              ir_version=10)
 
 
-def test_tf2onnx_dense_on_a_sequence_has_slimmable_hidden_units():
-    model = tf2onnx_dense_on_sequence()
+@pytest.mark.parametrize("positions", [(5,), (12,), (3, 12)], ids=["sequence",
+                                                                  "length-equals-width", "nhwc"])
+def test_tf2onnx_dense_on_a_sequence_has_slimmable_hidden_units(positions):
+    """(12,): the sequence length equals the hidden width, so a target entry that copies
+    the input's dimension 1 would copy the channel count; (3, 12): Dense on an NHWC map,
+    whose target has more axes than the MatMul's [rows, C]."""
+    model = tf2onnx_dense_on_sequence(positions=positions)
     hidden = next(r for r in analyze(model)[1] if r["size"] == 12)
     assert hidden["frozen"] is None
     result = slim(model, latency_runs=0)
     assert next(r for r in result.report.groups if r["size"] == 12)["kept"] == 9
     assert_same_function(model, result.model)
-    data = {"x": RNG.standard_normal((64, 5, 6)).astype(np.float32)}
+    data = {"x": RNG.standard_normal((64, *positions, 6)).astype(np.float32)}
     calibrated = slim(model, data=data, ratio=0.4, round_to=1, latency_runs=0)
     assert next(r for r in calibrated.report.groups if r["size"] == 12)["kept"] < 9
     onnx.checker.check_model(calibrated.model, full_check=True)

@@ -204,13 +204,19 @@ def _private_target(node: onnx.NodeProto, graph: Graph, axis: int, size: int | N
     that does not work or a dimension after it is not a known number."""
     src = graph.symbolic_shape(node.input[0])
     dst = target_shape(node, graph) or graph.symbolic_shape(node.output[0])
-    if src is None or dst is None or len(src) < axis:
+    if src is None or dst is None:
         return None
     dst = unify(list(src), list(dst))  # one unmatched symbol each: the same size
-    before = [0 if src[i] == dst[i] else dst[i] if isinstance(dst[i], int) and dst[i] > 0
-              else -1 for i in range(axis)]  # GPT-2's ['B*16', C] -> [B, 16, C]: [-1, 16, C]
     after = list(dst[axis + 1:])
-    if before.count(-1) > 1 or not all(isinstance(d, int) and d > 0 for d in after):
+    start = _channel_start(list(src), list(dst[axis:]))
+    if start is None or not all(isinstance(d, int) and d > 0 for d in after):
+        return None
+    # GPT-2's ['B*16', C] -> [B, 16, C]: [-1, 16, C]; tf2onnx's [X, C] -> [B, 16, 16, C] too.
+    # 0 copies an input dimension before the channels only: at or after them it would
+    # copy the channel count (['B*16', 16] -> [B, 16, 16] is not [-1, 0, 16])
+    before = [0 if i < start and src[i] == dst[i] else dst[i]
+              if isinstance(dst[i], int) and dst[i] > 0 else -1 for i in range(axis)]
+    if before.count(-1) > 1:
         return None
     channel = -1
     if -1 in before:
@@ -220,10 +226,30 @@ def _private_target(node: onnx.NodeProto, graph: Graph, axis: int, size: int | N
     return before + [channel] + [int(d) for d in after]
 
 
+def _channel_start(src: list, tail: list) -> int | None:
+    """The first input axis of the shortest run at the end of `src` holding as many
+    elements as `tail` (the output's channel axis and what follows it), or None."""
+    if not all(isinstance(d, int) for d in tail):
+        return None
+    want, have = int(np.prod(tail)), 1
+    for k in range(len(src) - 1, -1, -1):
+        if not isinstance(src[k], int):
+            return None
+        have *= src[k]
+        if have == want:
+            return k
+        if have > want:
+            return None
+    return None
+
+
 def _why_mixed(dst: list) -> str:
     """The reason a Reshape's channel axis cannot be followed, as precise as the shapes
-    allow: heads merged with the batch (``[T, B*H, d]``, nn.MultiheadAttention) say so."""
+    allow: heads merged with the batch (``[T, B*H, d]``, nn.MultiheadAttention) say so, and
+    so do a CNN's planes moved into the batch (``[B*C, 1, H, W]``)."""
     if any(isinstance(d, str) and "*" in d for d in dst):
+        if len(dst) != 3:
+            return "Reshape merges the channel axis into the batch axis"
         return ("Reshape merges attention heads with the batch axis ([T, B*H, d] layout); "
                 "heads are followed in the [B, T, H, d] layout only")
     return "Reshape mixes the channel axis with other axes"
