@@ -108,8 +108,8 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
         options = calibrated.Options(method, target, threshold, compensate, sequential_refit,
                                      round_to, latency_batch, threads)
         try:
-            work = calibrated.run(reference, work, calib, held, budget, options, cost_feeds,
-                                  notes, methods, search)
+            work = calibrated.run(reference, normalized, work, calib, held, budget, options,
+                                  cost_feeds, notes, methods, search)
         except (SlimError, MemoryError):
             raise
         except Exception as exc:  # onnxruntime failing on a model we slimmed: our bug

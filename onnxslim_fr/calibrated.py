@@ -49,13 +49,14 @@ class Options:
     threads: int | None = None
 
 
-def run(reference: validate.References, work: onnx.ModelProto, calib: calibrate.Dataset,
-        held: calibrate.Dataset, budget: Budget, options: Options, cost_feeds: dict,
-        notes: list[str], methods: dict[str, str], trace: list[dict] | None = None
-        ) -> onnx.ModelProto:
+def run(reference: validate.References, counted: onnx.ModelProto, work: onnx.ModelProto,
+        calib: calibrate.Dataset, held: calibrate.Dataset, budget: Budget, options: Options,
+        cost_feeds: dict, notes: list[str], methods: dict[str, str],
+        trace: list[dict] | None = None) -> onnx.ModelProto:
     """`work` slimmed further within `budget`; notes say what limited it. `reference` is
-    the original model, which keeps its outputs on the batches it ran on."""
-    original = reference.model
+    the original model, which keeps its outputs on the batches it ran on; `counted` is it
+    normalized, whose costs the budget is a share of (paddle2onnx writes every weight as
+    a Constant node: the original's parameters count 0)."""
     graph = Graph(work)
     groups = build_groups(graph)
     why = nothing_to_calibrate(graph, groups)
@@ -88,9 +89,9 @@ def run(reference: validate.References, work: onnx.ModelProto, calib: calibrate.
         return rewrite.apply(work, graph, groups, plans)
 
     if budget.ratio is not None:
-        return _by_ratio(original, work, budget.ratio, options.target, cost_feeds, slimmed, notes)
+        return _by_ratio(counted, work, budget.ratio, options.target, cost_feeds, slimmed, notes)
     return _search(reference, held, slimmed, budget, notes,
-                   _tracer(trace, original, cost_feeds)) or work
+                   _tracer(trace, counted, cost_feeds)) or work
 
 
 def _tracer(trace: list[dict] | None, original: onnx.ModelProto, feeds: dict

@@ -292,3 +292,25 @@ def test_tf2onnx_dense_on_a_sequence_has_slimmable_hidden_units(positions):
     calibrated = slim(model, data=data, ratio=0.4, round_to=1, latency_runs=0)
     assert next(r for r in calibrated.report.groups if r["size"] == 12)["kept"] < 9
     onnx.checker.check_model(calibrated.model, full_check=True)
+
+
+def as_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """paddle2onnx's default: every weight a Constant node, no initializer at all."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    consts = [helper.make_node("Constant", [], [t.name], value=t) for t in out.graph.initializer]
+    del out.graph.initializer[:]
+    nodes = consts + list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def test_a_params_budget_counts_weights_written_as_constant_nodes():
+    """The original's parameters counted 0 (initializers only): a division by zero."""
+    model = as_constant_nodes(paddle_head(channels=16))
+    assert not model.graph.initializer
+    data = {"x": RNG.standard_normal((64, 3, 8, 8)).astype(np.float32)}
+    result = slim(model, data=data, ratio=0.3, target="params", round_to=1, latency_runs=0)
+    assert result.report.after.params <= 0.72 * result.report.before.params
+    assert result.report.before.params > 0
