@@ -422,3 +422,44 @@ def test_channels_a_slice_never_takes_are_dead_and_go():
     result = slim_exact(model)
     conv = next(t for t in result.model.graph.initializer if t.name == "conv1.w")
     assert conv.dims[0] == 6  # channels 0-1 and 6-7: one of each unread piece stays
+
+
+@pytest.mark.parametrize("kind", ["slice", "split"])
+def test_a_bound_computed_from_a_dynamic_height_stays_computed(kind):
+    """``x[:, :, :H // 2]`` (or a Split of H into H // 2 and the rest) next to a slimmed
+    group: the bound reads only the input's height, which no rewrite changes, and is no
+    known number; writing it as a constant raised an internal error (exit 3)."""
+    rng = np.random.default_rng(1)
+    w1 = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    w1[1] = 2 * w1[0]
+    inits = [numpy_helper.from_array(a, n) for a, n in (
+        (w1, "w1"), (rng.standard_normal((3, 8, 3, 3)).astype(np.float32), "w2"),
+        (np.array(2, np.int64), "two"), (np.array([0], np.int64), "zero"),
+        (np.array([2], np.int64), "h_axis"))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "two"], ["h"]),
+             helper.make_node("Div", ["h", "two"], ["half"]),
+             helper.make_node("Unsqueeze", ["half", "zero"], ["half1"])]
+    if kind == "slice":
+        nodes.append(helper.make_node("Slice", ["r", "zero", "half1", "h_axis"], ["top"]))
+    else:
+        nodes += [helper.make_node("Sub", ["h", "half"], ["rest"]),
+                  helper.make_node("Unsqueeze", ["rest", "zero"], ["rest1"]),
+                  helper.make_node("Concat", ["half1", "rest1"], ["sizes"], axis=0),
+                  helper.make_node("Split", ["r", "sizes"], ["top", "bottom"], axis=2)]
+    nodes.append(helper.make_node("Conv", ["top", "w2"], ["y"], pads=[1] * 4))
+    graph = helper.make_graph(
+        nodes, kind, [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                    ["N", 4, "H", "W"])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3, "H2", "W"])],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              ir_version=10)
+    result = slim(model, input_shapes={"x": (1, 4, 8, 8)}, latency_runs=0)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert rows(result.model, "w1") == 7
+    for height in (6, 9):  # the bound follows the height of every input
+        x = np.random.default_rng(height).standard_normal((2, 4, height, 5)).astype(np.float32)
+        assert_same_function(model, result.model, feeds={"x": x})

@@ -74,13 +74,37 @@ def _computed(node: onnx.NodeProto, graph: Graph) -> list[str]:
 
 
 def _write_computed(node: onnx.NodeProto, rw: RewriteContext) -> None:
-    """Computed sizes / bounds as constants: the shapes they read may change."""
+    """Computed sizes / bounds as constants where a shape they read changes; the others
+    stay computed (``x[:, :, :H // 2]`` on a dynamic H is no known number)."""
     for name in _computed(node, rw.analysis):
+        if not _reads_changed_shape(name, rw):
+            continue
         values = _ints(name, rw.analysis)
         if values is None:
             raise InternalError(f"{node.op_type} {node.name}: {name} is not a known number")
         rw.add_input(node, list(node.input).index(name),
                      np.asarray(values, dtype=_dtype(node, rw.analysis)))
+
+
+def _reads_changed_shape(name: str, rw: RewriteContext) -> bool:
+    """Whether `name` is computed from the shape of a tensor whose channel count the
+    rewrite changes (the only shapes a rewrite changes)."""
+    todo, seen = [name], set()
+    while todo:
+        tensor = todo.pop()
+        node = rw.analysis.producer.get(tensor)
+        if tensor in seen or node is None:
+            continue
+        seen.add(tensor)
+        if node.op_type not in ("Shape", "Size"):
+            todo.extend(i for i in node.input if i)
+            continue
+        try:
+            if rw.new_layout(node.input[0]).size != rw.layout(node.input[0]).size:
+                return True
+        except KeyError:  # no channel layout: its shape stays
+            continue
+    return False
 
 
 def _take(ctx: AnalysisContext, node: onnx.NodeProto, lay: Layout,
