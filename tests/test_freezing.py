@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from builders import Net, cnn_input
 from conftest import removed, slim_exact
+from onnx import helper, numpy_helper
 
 from onnxslim_fr import analyze
 
@@ -54,3 +56,27 @@ def test_unsupported_op_on_channels_freezes_with_its_name():
     h = b.gemm(b.x, 6)
     y = b.gemm(b.act(h, "Softmax", axis=1), 3)
     assert any("unsupported op Softmax" in r for r in _reasons(b.build(y)))
+
+
+def test_batchnorm_with_per_activation_parameters_freezes():
+    """BatchNormalization-7 with spatial=0 keeps a [C, H, W] parameter per activation:
+    slicing it as per-channel vectors was an internal error (exit 3)."""
+    rng = np.random.default_rng(2)
+    w1 = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    w1[3] = w1[0]
+    params = [(np.abs(rng.standard_normal((8, 6, 6))) + 0.5).astype(np.float32)
+              for _ in range(4)]
+    inits = [numpy_helper.from_array(a, n) for a, n in zip(
+        [w1, rng.standard_normal((3, 8, 3, 3)).astype(np.float32), *params],
+        ["w1", "w2", "scale", "bias", "mean", "var"], strict=True)]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1] * 4),
+             helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"],
+                              ["bn"], spatial=0),
+             helper.make_node("Relu", ["bn"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1] * 4)]
+    graph = helper.make_graph(
+        nodes, "bn7", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3, 6, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)], ir_version=10)
+    assert any("spatial=0" in r for r in _reasons(model))
+    assert removed(slim_exact(model)) == 0

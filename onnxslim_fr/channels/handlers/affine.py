@@ -82,6 +82,13 @@ class BatchNormHandler(_ParamCarrier):
     slots = (1, 2, 3, 4)
     axis = 1
 
+    def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        params = [ctx.graph.const(node.input[i]) for i in self.slots]
+        if int(attr(node, "spatial", 1)) == 0 or any(p is not None and p.ndim != 1
+                                                     for p in params):
+            raise Unsupported("BatchNormalization with per-activation parameters (spatial=0)")
+        super().propagate(node, ctx)
+
     def transfer(self, node: onnx.NodeProto, graph: Graph) -> Transfer:
         scale, b, mean, var = (graph.const(node.input[i]).astype(np.float64) for i in self.slots)
         a = scale / np.sqrt(var + float(attr(node, "epsilon", 1e-5)))
