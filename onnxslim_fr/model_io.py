@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
@@ -86,7 +87,7 @@ def read(model: str | os.PathLike[str] | bytes | onnx.ModelProto,
     else:
         raise BadModelError(f"model must be a path, bytes or an onnx.ModelProto, not "
                             f"{type(model).__name__}")
-    proto = weights.intern(_checked(proto))  # inside slim: large weights go to its store
+    proto = weights.intern(_checked(_densified(proto)))  # in slim: large weights to its store
     ir_version = proto.ir_version
     proto.ir_version = min(ir_version, MAX_IR_VERSION)
     return Source(proto, ir_version, files, external)
@@ -160,6 +161,24 @@ def _tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                 if attr.HasField("t"):
                     yield attr.t
                 yield from attr.tensors
+
+
+def _densified(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Sparse initializers as dense ones: every pass reads initializers (the checker even
+    calls a node reading a sparse one unsorted). Subgraphs' stay sparse: a body is never
+    slimmed."""
+    graph = proto.graph
+    for sparse in graph.sparse_initializer:
+        values = numpy_helper.to_array(sparse.values)
+        indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+        dense = np.zeros(int(np.prod(sparse.dims)), values.dtype)
+        flat = np.ravel_multi_index(tuple(indices.T), tuple(sparse.dims)) \
+            if indices.ndim == 2 else indices
+        dense[flat] = values.reshape(-1)
+        graph.initializer.append(numpy_helper.from_array(dense.reshape(tuple(sparse.dims)),
+                                                         sparse.values.name))
+    del graph.sparse_initializer[:]
+    return proto
 
 
 def _checked(proto: onnx.ModelProto) -> onnx.ModelProto:

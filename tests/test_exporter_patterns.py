@@ -314,3 +314,25 @@ def test_a_params_budget_counts_weights_written_as_constant_nodes():
     result = slim(model, data=data, ratio=0.3, target="params", round_to=1, latency_runs=0)
     assert result.report.after.params <= 0.72 * result.report.before.params
     assert result.report.before.params > 0
+
+
+def test_a_sparse_initializer_is_read_as_its_dense_weight():
+    """A Conv weight stored as a sparse_initializer (legal; onnxruntime runs it) was refused
+    as 'not topologically sorted'. It is densified on load, then slimmed like any weight."""
+    w = RNG.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    w[3], w[6] = w[0], 0
+    flat = w.reshape(-1)
+    nz = np.nonzero(flat)[0]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1] * 4)]
+    graph = helper.make_graph(
+        nodes, "sparse", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 5, 5])],
+        [_init("w2", RNG.standard_normal((2, 8, 3, 3)).astype(np.float32))])
+    graph.sparse_initializer.append(helper.make_sparse_tensor(
+        _init("w", flat[nz]), _init("w_idx", nz.astype(np.int64)), list(w.shape)))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    result = slim(model, latency_runs=0)
+    assert next(t for t in result.model.graph.initializer if t.name == "w").dims[0] == 6
+    assert_same_function(model, result.model)
