@@ -189,9 +189,14 @@ def _fitted(name: str, value: np.ndarray, dims: tuple, dtype: np.dtype) -> np.nd
         raise BadDataError(f"input {name} has dtype {value.dtype}, model expects {dtype}")
     if value.ndim == 0:
         raise BadDataError(f"input {name} is a scalar: data needs a first axis of samples")
+    want = "x".join("?" if d is None else str(d) for d in dims)
+    if value.ndim == len(dims) + 1 and None not in dims and dims[:1] != (1,) and \
+            tuple(value.shape[1:]) == tuple(dims):  # [1, ...] is a batch of one
+        raise BadDataError(f"model input {name} ({want}) has no batch axis, so samples cannot "
+                           f"be stacked on one: export the model with a batch axis on {name}, "
+                           f"or with {name} as a constant")
     if value.ndim != len(dims) or any(d is not None and d != s
                                       for d, s in zip(dims[1:], value.shape[1:], strict=True)):
-        want = "x".join("?" if d is None else str(d) for d in dims)
         raise BadDataError(f"input {name} has shape {'x'.join(map(str, value.shape))}, "
                            f"model expects {want}")
     if is_float(value.dtype) and not _finite(value):

@@ -89,7 +89,8 @@ def run(reference: validate.References, counted: onnx.ModelProto, work: onnx.Mod
         return rewrite.apply(work, graph, groups, plans)
 
     if budget.ratio is not None:
-        return _by_ratio(counted, work, budget.ratio, options.target, cost_feeds, slimmed, notes)
+        return _by_ratio(counted, work, budget.ratio, options.target, cost_feeds, slimmed, notes,
+                         options.round_to)
     return _search(reference, held, slimmed, budget, notes,
                    _tracer(trace, counted, cost_feeds)) or work
 
@@ -138,8 +139,8 @@ def _warn_few_samples(groups: GroupSet, stats: calibrate.ChannelStats,
 
 
 def _by_ratio(original: onnx.ModelProto, work: onnx.ModelProto, ratio: float, target: str,
-              feeds: dict, slimmed: Callable[[float], onnx.ModelProto],
-              notes: list[str]) -> onnx.ModelProto:
+              feeds: dict, slimmed: Callable[[float], onnx.ModelProto], notes: list[str],
+              round_to: int) -> onnx.ModelProto:
     def cost(model: onnx.ModelProto) -> float:
         return report.params(model) if target == "params" else report.flops(model, feeds)
 
@@ -153,7 +154,17 @@ def _by_ratio(original: onnx.ModelProto, work: onnx.ModelProto, ratio: float, ta
     if target != "latency" and reached > (1 - ratio) * base * 1.02:  # latency: measured
         notes.append(f"budget not met: reached {reached / base:.3f} of the original "
                      f"{target} (frozen groups limit the reduction)")
+    elif target != "latency" and reached < (1 - ratio - OVERSHOOT) * base:
+        why = f"kept counts are multiples of --round-to {round_to}, a coarse step for " \
+              f"small groups; --round-to 1 allows any count" if round_to > 1 else \
+              "the groups left could not be cut finer"
+        notes.append(f"removed {1 - reached / base:.3f} of the original {target}, more than "
+                     f"the {ratio:g} asked: {why}")
     return result
+
+
+#: A ratio met with more than this share of the original's cost removed on top gets a note.
+OVERSHOOT = 0.05
 
 
 def _probe_samples(samples: int, groups: int, most: int = 128, least: int = 4) -> int:

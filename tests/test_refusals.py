@@ -609,6 +609,22 @@ def test_unusable_calibration_data_is_refused(model_path, data, words):
         slim(str(model_path), data=data, ratio=0.5, latency_runs=0)
 
 
+def test_an_input_without_a_batch_axis_says_how_to_export_it():
+    """x[:, sel] with sel an index vector [4]: samples cannot be stacked on sel, and
+    'has shape 8x4, model expects 4' did not say why."""
+    graph = h.make_graph(
+        [h.make_node("Gather", ["x", "sel"], ["g"], axis=1),
+         h.make_node("MatMul", ["g", "w"], ["y"])], "side",
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 6]),
+         h.make_tensor_value_info("sel", T.INT64, [4])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 2])],
+        [nh.from_array(np.ones((4, 2), np.float32), "w")])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=10)
+    data = {"x": np.ones((8, 6), np.float32), "sel": np.tile(np.arange(4), (8, 1))}
+    with pytest.raises(BadDataError, match=r"sel .* has no batch axis.*export the model"):
+        slim(model, data=data, ratio=0.3, latency_runs=0)
+
+
 def test_int64_data_beyond_int32_input_is_refused(tmp_path, capsys):
     src = save(int32_model(), tmp_path / "in.onnx")
     data = _npz(tmp_path / "d.npz", x=np.full((4, 4), 2**40, np.int64))

@@ -134,6 +134,17 @@ def test_calibrated_slimming_keeps_multiples_of_8_and_meets_the_budget():
     assert 0.98 * 0.5 <= rep.after.flops / rep.before.flops <= 0.5
 
 
+def test_a_ratio_overshot_by_coarse_steps_says_so():
+    """One slimmable group of 16 channels: with steps of 8, removing 10% of the FLOPs
+    means removing half the group. The report says why the cut is larger than asked."""
+    data = {"x": np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)}
+    rep = slim(_cnn((16,)), data=data, ratio=0.1, latency_runs=0).report
+    assert rep.after.flops / rep.before.flops < 0.85
+    assert any("more than the 0.1 asked" in n and "--round-to 1" in n for n in rep.notes)
+    exact = slim(_cnn((16,)), data=data, ratio=0.1, round_to=1, latency_runs=0).report
+    assert not any("more than" in n for n in exact.notes)
+
+
 @pytest.mark.parametrize("seed", [4, 6, 9])
 def test_no_pair_of_rounded_steps_would_lower_the_error_within_the_budget(seed):
     """With steps of 8 channels, giving back single steps stops where none fits; trading a
