@@ -41,7 +41,7 @@ PIECES = ("Split", "Slice", "Gather")
 CARRIERS = ("BatchNormalization", "InstanceNormalization", "PRelu", "Add", "Sub", "Mul", "Div",
             "DepthwiseConv")
 POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
-         "GlobalLpPool", "ReduceMean", "ReduceMax", "Pad", "Resize", "Upsample")
+         "GlobalLpPool", "ReduceMean", "ReduceMax", "ReduceSum", "Pad", "Resize", "Upsample")
 SHAPES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Shape", "Size")
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: Every op a strategy here can draw (DepthwiseConv is a Conv with group = channels).
@@ -765,7 +765,7 @@ class Builder:
     def spatial(self, x: str) -> str:
         h, w = self.shape[x][2:]
         ops = ["GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "ReduceMean", "ReduceMax",
-               "Pad", "Resize" if self.opset >= 10 else "Upsample"]
+               "ReduceSum", "Pad", "Resize" if self.opset >= 10 else "Upsample"]
         if min(h, w) >= 2:
             ops += ["MaxPool", "AveragePool", "LpPool"]
         op = self.choose(ops)
@@ -826,11 +826,12 @@ class Builder:
         if not keepdims:
             shape = [d for i, d in enumerate(shape) if i not in {a % len(shape) for a in axes}]
         attrs = {"keepdims": int(keepdims)} if not keepdims or self.maybe(2) else {}
-        if self.since(op) >= 18:
+        if self.since(op) >= (13 if op == "ReduceSum" else 18):  # axes became an input
             y = self.node(op, [x, self.ints(axes)], tuple(shape), **attrs)
         else:
             y = self.node(op, [x], tuple(shape), axes=axes, **attrs)
-        return self._spatial_rels(x, y, op, padded=False)
+        # a constant channel sums to a multiple of the positions: no constant to the planner
+        return self._spatial_rels(x, y, op, padded=op == "ReduceSum")
 
     def pad(self, x: str) -> str:
         n, c, h, w = self.shape[x]
@@ -1179,7 +1180,7 @@ class Builder:
             y = self._spatial_rels(x, y, op, padded=False)
             return self.pick([self.flatten, self.reshape, self.squeeze_spatial])(y)
         if kind == "reduce":
-            return self.reduce(x, self.pick(["ReduceMean", "ReduceMax"]),
+            return self.reduce(x, self.pick(["ReduceMean", "ReduceMax", "ReduceSum"]),
                                self.pick([[2, 3], *self.neg([[-2, -1]])]), False)
         return self.flatten(x) if kind == "flatten" else self.reshape(x)
 

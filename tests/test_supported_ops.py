@@ -125,7 +125,7 @@ RECIPES: dict[str, Callable[[], Case]] = {
     **{op: (lambda op=op: _image(lambda b, y: b.flatten(_global(b, _relu(b, y), op))))
        for op in ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")},
     **{op: (lambda op=op: _image(lambda b, y: b.reduce(_relu(b, y), op, [2, 3], False)))
-       for op in ("ReduceMean", "ReduceMax")},
+       for op in ("ReduceMean", "ReduceMax", "ReduceSum")},
     "Pad": lambda: _image(lambda b, y: b.pad(_relu(b, y))),
     "Resize": lambda: _image(lambda b, y: b.resize(_relu(b, y))),
     "Upsample": lambda: _image(lambda b, y: b.upsample(_relu(b, y)), opset=9),

@@ -57,9 +57,10 @@ class PoolHandler(OpHandler):
 
 
 class ReduceHandler(OpHandler):
-    """ReduceMean / ReduceMax over positions only (Keras' global pooling)."""
+    """ReduceMean / ReduceMax / ReduceSum over positions only (Keras' global pooling,
+    torch's ``x.sum((2, 3))``)."""
 
-    ops = ("ReduceMean", "ReduceMax")
+    ops = ("ReduceMean", "ReduceMax", "ReduceSum")
 
     def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         lay = ctx.layout(node.input[0])
@@ -76,6 +77,8 @@ class ReduceHandler(OpHandler):
         ctx.set_layout(node.output[0], lay.with_axis(lay.axis - shift))
 
     def transfer(self, node: onnx.NodeProto, graph: Graph) -> Transfer:
+        if node.op_type == "ReduceSum":  # a shift c sums to c times the (dynamic) positions
+            return Spatial(linear=True, keeps_offset=False)
         return Spatial(linear=node.op_type == "ReduceMean", keeps_offset=True)
 
 
