@@ -16,6 +16,9 @@ from onnxslim_fr.channels.reshape_map import move_axis
     (["unk0", 6, 8, 8], ["unk1", 384], 1, (1,), 1, 64, ()),  # a -1 batch gets a new symbol
     (["X", 48], ["B", 16, 48], 1, (2,), 1, 1, ()),  # tf2onnx Dense: MatMul rows X = B*16
     (["X", 48], ["B", 16, 48], 0, None, None, None, None),  # the rows hold no channels
+    # after an exact rewrite GPT-2's rows are named from other symbols than the view's
+    (["u0*u2*1", 192], ["N", "T", 192], 1, (2,), 1, 1, ()),
+    (["u0*u2*1", 16, 4], ["N", "T", 16, 4], 1, (2,), 1, 1, ()),
 ])
 def test_channel_axis_is_followed_through_reshape(src, dst, axis, out_axes, outer, inner, split):
     move = move_axis(src, dst, axis)
@@ -31,6 +34,8 @@ def test_channel_axis_is_followed_through_reshape(src, dst, axis, out_axes, oute
     (["B", 4, 16], ["B", 8, 8], 1),  # channels and positions interleave
     (["B", 64], ["C", "D"], 1),  # unmatched symbols on one side cannot be told apart
     (["B", "C"], ["B", "C"], 1),  # a symbolic channel count cannot be sliced
+    (["u0*u2", 16, 4], ["N", "T", 64], 1),  # merged with what follows, rows unknown
+    (["u0*u2", 16, 4], ["N", "T", 4, 16], 1),  # the same tail in another order
 ])
 def test_reshape_that_mixes_channels_is_not_followed(src, dst, axis):
     assert move_axis(src, dst, axis) is None

@@ -133,7 +133,7 @@ def move_axis(src: list[Dim], dst: list[Dim], axis: int) -> AxisMove | None:
     dst = unify(src, dst)
     pairs = blocks(_unified_src(src, dst), dst)
     if pairs is None:
-        return None
+        return _same_tail(src, dst, axis)
     for ins, outs in pairs:
         if axis not in ins:
             continue
@@ -154,6 +154,18 @@ def move_axis(src: list[Dim], dst: list[Dim], axis: int) -> AxisMove | None:
             return AxisMove((target,), outer, inner)
         return None  # several into several: channels and positions interleave
     return None
+
+
+def _same_tail(src: list[Dim], dst: list[Dim], axis: int) -> AxisMove | None:
+    """The channel axis and the static axes after it, unchanged at the end of `dst`, while
+    the axes before it regroup in ways the symbols cannot tell (after an exact rewrite,
+    shape inference names GPT-2's rows ``'unk__0*unk__2*1'`` where the view reads
+    ``[N, T]``): both hold the same elements, so each leading index keeps its channels."""
+    tail = src[axis:]
+    if len(tail) > len(dst) or not all(isinstance(d, int) for d in tail) or \
+            list(dst[len(dst) - len(tail):]) != list(tail):
+        return None
+    return AxisMove((len(dst) - len(tail),), 1, 1)
 
 
 def _prod(dims) -> int:
