@@ -36,7 +36,17 @@ _NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeL
 
 
 def _should_fold(node: ir.Node) -> bool | None:
-    return False if node.op_type in _NEVER_FOLD else None
+    """Never quantization; never a computation on a weight that other nodes read as it is:
+    folding GPT-2's tied ``lm_head = Transpose(wte)`` writes a second copy of the
+    embedding (a 50257 x 768 one is 154 MB more in the output)."""
+    if node.op_type in _NEVER_FOLD or any(_shared_weight(v) for v in node.inputs):
+        return False
+    return None
+
+
+def _shared_weight(value: ir.Value | None) -> bool:
+    return value is not None and value.is_initializer() and len(value.uses()) > 1 and \
+        value.const_value is not None and value.const_value.size > weights.SMALL_ELEMENTS
 
 
 def fold(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -21,6 +21,7 @@ from onnxslim_fr import analyze, slim
 from onnxslim_fr.channels import build_groups
 from onnxslim_fr.graph import Graph, normalize
 from onnxslim_fr.rewrite import RewriteContext, _resolve_edits
+from onnxslim_fr.testing import assert_same_function
 
 STEPS, FEATURES, HIDDEN = 4, 6, 8
 
@@ -182,3 +183,32 @@ def test_matmuls_sharing_a_weight_share_one_folded_bias():
     w1_adds = [n for n in adds if any(f"m1_{t}" in n.output[0] for t in range(STEPS))]
     assert len(w1_adds) == STEPS  # every step still adds its offset
     assert len({n.input[1] for n in w1_adds}) == 1 and len(stored) < len(adds)
+
+
+def test_a_tied_embedding_read_through_a_transpose_is_not_copied():
+    """GPT-2's lm_head is MatMul(h, Transpose(wte)) beside Gather(wte, ids): folding the
+    Transpose stored the embedding twice (a real GPT-2 would grow by 154 MB). The FFN
+    between them still loses its dead neuron."""
+    vocab, width, hidden = 300, 16, 24
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((width, hidden)).astype(np.float32)
+    w1[:, 3] = 0
+    inits = [numpy_helper.from_array(a, n) for a, n in (
+        (rng.standard_normal((vocab, width)).astype(np.float32), "wte"), (w1, "w1"),
+        (rng.standard_normal((hidden, width)).astype(np.float32), "w2"))]
+    nodes = [helper.make_node("Gather", ["wte", "ids"], ["e"]),
+             helper.make_node("MatMul", ["e", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["f"]),
+             helper.make_node("Transpose", ["wte"], ["head"], perm=[1, 0]),
+             helper.make_node("MatMul", ["f", "head"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "T"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", vocab])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              ir_version=10)
+    result = slim(model, latency_runs=0)
+    sizes = sorted(int(np.prod(t.dims)) for t in result.model.graph.initializer)
+    assert sizes.count(vocab * width) == 1
+    assert result.report.after.params == result.report.before.params - 2 * width  # w1, w2
+    assert_same_function(model, result.model, feeds={"ids": rng.integers(0, vocab, (2, 5))})
