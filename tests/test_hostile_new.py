@@ -215,3 +215,34 @@ def test_calibration_data_giving_nan_is_refused(tmp_path, capsys, exponent: floa
         code = main([str(src), str(out), "-q", "--data", str(data), "--ratio", "0.5"])
     assert code == 2 and not out.exists()
     assert "NaN or infinite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("channel_entry", ["shape", "literal", "doubled"])
+def test_resize_sizes_read_off_the_input_follow_its_channels(channel_entry):
+    """torch's ``interpolate(top, size=...)`` writes sizes = Concat(Shape(top)[:2], [H, W]):
+    the channel entry is the input's own count, so the FPN's merged group (a lateral conv
+    added to the upsampled top, both with filter 4 := filter 1) slims. A literal channel
+    count in the sizes, or one computed from it (2C interpolates along the channels),
+    still freezes the top."""
+    g = OpBuilder(x=("b", 8, 6, 6))
+    top = g.op("Relu", [g.conv(g.op("MaxPool", ["x"], kernel_shape=[2, 2], strides=[2, 2]),
+                               C, C, plant=[(1, 4, 1.0)])])
+    lateral = g.conv("x", C, C, plant=[(1, 4, 1.0)])
+    shape = g.op("Slice", [g.op("Shape", [top]), g.c(np.array([0])), g.c(np.array([2]))])
+    if channel_entry == "literal":
+        shape = g.op("Concat", [g.op("Slice", [shape, g.c(np.array([0])), g.c(np.array([1]))]),
+                                g.c(np.array([C]))], axis=0)
+    elif channel_entry == "doubled":
+        shape = g.op("Mul", [shape, g.c(np.array([1, 2]))])
+    up = g.op("Resize", [top, "", "", g.op("Concat", [shape, g.c(np.array([6, 6]))], axis=0)],
+              mode="nearest")
+    if channel_entry == "doubled":  # 2C channels: their own head
+        outputs = [g.conv(g.op("Relu", [lateral]), C, 4), g.conv(up, 2 * C, 4)]
+    else:
+        outputs = [g.conv(g.op("Relu", [g.op("Add", [lateral, up])]), C, 4)]
+    model = g.build(outputs)
+    result = slim(model, latency_runs=0)
+    assert_same_function(model, result.model)
+    assert removed(result) == (0 if channel_entry == "literal" else 1)
+    frozen = [r["frozen"] for r in result.report.groups if r["frozen"]]
+    assert any("explicit sizes" in f for f in frozen) == (channel_entry != "shape")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import onnx
 
 from ...graph import Graph
+from ...shape_taint import entry_taints
+from ...shape_values import value_of
 from ..context import AnalysisContext
 from ..structures import Unsupported
 from .base import OpHandler, Spatial, Transfer, attr, require_plain
@@ -124,14 +126,30 @@ class ResizeHandler(OpHandler):
 
     def propagate(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         lay = ctx.layout(node.input[0])
-        shape_in = ctx.graph.shape(node.input[0])
-        shape_out = ctx.graph.shape(node.output[0])
-        if shape_in is None or shape_out is None or shape_out[lay.axis] != shape_in[lay.axis]:
-            raise Unsupported(f"{node.op_type} may change the channel axis")
         if len(node.input) > 3 and node.input[3]:
-            raise Unsupported(f"{node.op_type} with explicit sizes (they name the channel count)")
+            if not self._sizes_follow(node, ctx, lay.axis):
+                raise Unsupported(f"{node.op_type} with explicit sizes (they name the channel "
+                                  f"count)")
+        else:
+            shape_in = ctx.graph.shape(node.input[0])
+            shape_out = ctx.graph.shape(node.output[0])
+            if shape_in is None or shape_out is None or \
+                    shape_out[lay.axis] != shape_in[lay.axis]:
+                raise Unsupported(f"{node.op_type} may change the channel axis")
         require_plain(ctx, node.input[0])
         ctx.set_layout(node.output[0], lay)
+
+    @staticmethod
+    def _sizes_follow(node: onnx.NodeProto, ctx: AnalysisContext, axis: int) -> bool:
+        """Sizes whose channel entry is the input's own channel count, read through Shape,
+        and whose other entries do not read it (torch's ``interpolate(size=...)`` writes
+        Concat(Shape(x)[:2], [H, W])): they follow any slimming by themselves."""
+        taint = entry_taints(node.input[3], ctx.graph, {node.input[0]: axis})
+        value = value_of(node.input[3], ctx.graph)  # read, not computed from: 2C would mix
+        channels = (ctx.graph.shape(node.input[0]) or [None] * (axis + 1))[axis]
+        return taint is not None and axis < len(taint) and taint[axis] and \
+            not any(t for a, t in enumerate(taint) if a != axis) and value is not None and \
+            axis < len(value) and channels is not None and value[axis] == channels
 
     def transfer(self, node: onnx.NodeProto, graph: Graph) -> Transfer:
         """Interpolation weights sum to 1, so shifts pass, except where tf_crop_and_resize
