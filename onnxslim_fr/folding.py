@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common
@@ -41,7 +42,16 @@ def _should_fold(node: ir.Node) -> bool | None:
     embedding (a 50257 x 768 one is 154 MB more in the output)."""
     if node.op_type in _NEVER_FOLD or any(_shared_weight(v) for v in node.inputs):
         return False
+    if node.op_type == "ConstantOfShape":  # the folder keeps them all; small ones build
+        return _small_shape(node.inputs[0]) or None  # TorchScript's F.pad pads
     return None
+
+
+def _small_shape(value: ir.Value | None) -> bool:
+    if value is None or value.const_value is None:
+        return False
+    dims = value.const_value.numpy().reshape(-1)
+    return bool(dims.size) and 0 <= int(np.prod(dims)) <= weights.SMALL_ELEMENTS
 
 
 def _shared_weight(value: ir.Value | None) -> bool:

@@ -336,3 +336,42 @@ def test_a_sparse_initializer_is_read_as_its_dense_weight():
     result = slim(model, latency_runs=0)
     assert next(t for t in result.model.graph.initializer if t.name == "w").dims[0] == 6
     assert_same_function(model, result.model)
+
+
+def torchscript_pad(channels: int = 8) -> onnx.ModelProto:
+    """TorchScript's ``F.pad(x, [1, 1, 2, 2])``: the pads are computed, not a constant:
+    Concat([1, 1, 2, 2], ConstantOfShape([4]) = 0) -> Reshape [-1, 2] -> Slice (reverse
+    the pairs) -> Transpose -> Reshape [-1] -> Cast -> Pad. Filter 5 repeats filter 2."""
+    w = RNG.standard_normal((channels, 3, 3, 3)).astype(np.float32)
+    w[5] = w[2]
+    ints = lambda name, v: _init(name, np.array(v, np.int64))  # noqa: E731
+    inits = [_init("w", w), _init("w2", RNG.standard_normal((4, channels, 3, 3)).astype(
+        np.float32)), ints("given", [1, 1, 2, 2]), ints("rest", [4]), ints("pairs", [-1, 2]),
+        ints("start", [-1]), ints("end", [-9223372036854775807]), ints("axis0", [0]),
+        ints("back", [-1]), ints("flat", [-1])]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("ConstantOfShape", ["rest"], ["zeros"],
+                              value=helper.make_tensor("v", TensorProto.INT64, [1], [0])),
+             helper.make_node("Concat", ["given", "zeros"], ["all"], axis=0),
+             helper.make_node("Reshape", ["all", "pairs"], ["pairs2"]),
+             helper.make_node("Slice", ["pairs2", "start", "end", "axis0", "back"], ["rev"]),
+             helper.make_node("Transpose", ["rev"], ["t"], perm=[1, 0]),
+             helper.make_node("Reshape", ["t", "flat"], ["p64"]),
+             helper.make_node("Cast", ["p64"], ["pads"], to=TensorProto.INT64),
+             helper.make_node("Pad", ["r", "pads"], ["padded"]),
+             helper.make_node("Conv", ["padded", "w2"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "ts_pad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 10, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                             ir_version=10)
+
+
+def test_torchscript_pad_with_computed_pads_slims_the_channels_before_it():
+    """onnxscript's folder keeps every ConstantOfShape, so the pads stayed computed and the
+    Pad froze the group ('pads not constant'); small ones are folded now."""
+    model = torchscript_pad()
+    result = slim(model, latency_runs=0)
+    assert next(t for t in result.model.graph.initializer if t.name == "w").dims[0] == 7
+    assert_same_function(model, result.model)
