@@ -118,6 +118,7 @@ def slim(model: ModelSource, output: str | os.PathLike[str] | None = None, *,
         work = original  # nothing to gain: hand back the model exactly as it came
     if work is not original:
         notes.extend(_weights_no_longer_inputs(original))
+    notes.extend(_ungrouped(normalized, first))
     cmp = exact_cmp if data is None else validate.compare(reference, work, check_set, labels)
     if not math.isfinite(cmp.max_rel_error):  # NaN/Inf or a shape change: damage, not error
         raise ValidationError(cmp.failure(tolerance))
@@ -174,6 +175,23 @@ def _weights_no_longer_inputs(original: onnx.ModelProto) -> list[str]:
             f"weights in the output: the slimmed model no longer accepts them as inputs"]
 
 
+def _ungrouped(model: onnx.ModelProto, groups: GroupSet) -> list[str]:
+    """A note naming the layers with weights that belong to no group, so the groups table
+    does not list them: their shapes are unknown (shape inference does not know an op
+    before them, onnxruntime's fused com.microsoft ops say)."""
+    graph = Graph(model)
+    missing = [n.name for n in graph.nodes if n.name not in groups.roles and
+               (h := handler_for(n)) is not None and h.out_channels(n, graph) is not None]
+    if not missing:
+        return []
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in graph.nodes
+                     if n.domain not in ("", "ai.onnx")})
+    why = f" (shape inference does not know {', '.join(custom[:3])})" if custom else ""
+    return [f"{len(missing)} layer(s) with weights ({missing[0]}"
+            f"{' and more' if len(missing) > 1 else ''}) are in no channel group and stay as "
+            f"they are: their shapes are unknown{why}"]
+
+
 def _group_rows(groups: GroupSet, final: Graph | None, methods: dict[str, str]) -> list[dict]:
     rows = []
     pieces = kept_channels(groups, final) if final else {}  # a Split's pieces of an output
@@ -184,9 +202,17 @@ def _group_rows(groups: GroupSet, final: Graph | None, methods: dict[str, str]) 
         method = "frozen" if g.frozen else next((methods[p] for p in producers
                                                  if p in methods), "-")
         rows.append({"id": g.id, "size": g.size, "kept": kept, "unit": g.unit,
-                     "producers": producers,
+                     "repeats": _repeats(groups, g), "producers": producers,
                      "frozen": g.frozen, "method": method if kept < g.size or g.frozen else "-"})
     return rows
+
+
+def _repeats(groups: GroupSet, group) -> int:
+    """How many times the group repeats along one of its producers' outputs (a grouped
+    conv's blocks, time steps sharing a weight): a channel goes only with its copies."""
+    return max((sum(s.group == group.id for s in groups.layouts[m.tensor].segments)
+                for m in group.members
+                if m.role is Role.PRODUCER and m.tensor in groups.layouts), default=1)
 
 
 def _out_channels(graph: Graph, node_name: str, default: int) -> int:

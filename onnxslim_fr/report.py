@@ -119,6 +119,9 @@ def render_groups(groups: list[dict]) -> str:
         why = f"frozen: {g['frozen']}" if g["frozen"] else ", ".join(g["producers"])
         if g.get("unit", 1) > 1:
             why = f"heads of {g['unit']} channels; {why}"
+        if g.get("repeats", 1) > 1:
+            why = f"x{g['repeats']} (repeats in {g['repeats']} blocks: grouped conv or " \
+                  f"shared weight; a channel goes with its copies); {why}"
         lines.append(f"{g['id']:>5} {g['size']:>6} {g['kept']:>6}  {g['method']:<10} {why}")
     return "\n".join(lines)
 

@@ -80,3 +80,24 @@ def test_batchnorm_with_per_activation_parameters_freezes():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)], ir_version=10)
     assert any("spatial=0" in r for r in _reasons(model))
     assert removed(slim_exact(model)) == 0
+
+
+def test_layers_whose_shapes_are_unknown_are_named_in_a_note():
+    """onnxruntime's fused graphs: after com.microsoft::Gelu shape inference knows no shape,
+    the next MatMul gets no group, and the groups table alone would not show it."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (6, 8)), ("w2", (8, 5)), ("w3", (5, 3)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("Gelu", ["h"], ["g"], domain="com.microsoft"),
+             helper.make_node("MatMul", ["g", "w2"], ["m"]),
+             helper.make_node("Relu", ["m"], ["r"]),
+             helper.make_node("MatMul", ["r", "w3"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "fused", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=10)
+    notes = slim_exact(model).report.notes
+    assert any("in no channel group" in n and "com.microsoft::Gelu" in n for n in notes)

@@ -20,6 +20,7 @@ from onnx import helper as h
 
 from onnxslim_fr import slim
 from onnxslim_fr.cli import main
+from onnxslim_fr.report import render_groups
 from onnxslim_fr.testing import assert_same_function, random_feeds
 
 C = 8
@@ -77,6 +78,18 @@ def grouped(group: int, after: str) -> onnx.ModelProto:
 def test_grouped_conv_keeps_the_function(group: int, after: str) -> None:
     gone = _exact(grouped(group, after))
     assert gone == (0 if after == "residual" else 1)
+
+
+def test_a_grouped_conv_tells_that_its_channels_go_with_their_copies() -> None:
+    """One duplicate in one block of a group-4 conv cannot go (every block must keep the
+    same width): the groups table says the group repeats 4 times, not just '2 of 2'."""
+    g = OpBuilder()
+    a = g.op("Relu", [g.conv("x", C, C, plant=[(0, 1, 1.0)])])
+    model = g.build([g.conv(g.op("Relu", [g.conv(a, C, C, group=4)]), C, 4)])
+    result = slim(model, latency_runs=0)
+    rows = [r for r in result.report.groups if r["repeats"] == 4]
+    assert rows and all(r["size"] == 2 and r["kept"] == 2 for r in rows)
+    assert "x4 (repeats in 4 blocks" in render_groups(result.report.groups)
 
 
 # Pow ---------------------------------------------------------------------------------------
