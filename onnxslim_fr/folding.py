@@ -37,14 +37,21 @@ _NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeL
 
 
 def _should_fold(node: ir.Node) -> bool | None:
-    """Never quantization; never a computation on a weight that other nodes read as it is:
-    folding GPT-2's tied ``lm_head = Transpose(wte)`` writes a second copy of the
-    embedding (a 50257 x 768 one is 154 MB more in the output)."""
+    """Never quantization; never a computation on a weight that other nodes read too:
+    folding GPT-2's tied ``lm_head = Transpose(wte)`` writes a second copy of the embedding
+    (a 50257 x 768 one is 154 MB more), and a tied autoencoder's or a twice-cast float16
+    weight would be stored twice as well. The output would grow more than slimming such a
+    layer saves, so it stays as it is (its readers see a computed weight, and freeze)."""
     if node.op_type in _NEVER_FOLD or any(_shared_weight(v) for v in node.inputs):
         return False
     if node.op_type == "ConstantOfShape":  # the folder keeps them all; small ones build
         return _small_shape(node.inputs[0]) or None  # TorchScript's F.pad pads
     return None
+
+
+def _shared_weight(value: ir.Value | None) -> bool:
+    return value is not None and value.is_initializer() and len(value.uses()) > 1 and \
+        value.const_value is not None and value.const_value.size > weights.SMALL_ELEMENTS
 
 
 def _small_shape(value: ir.Value | None) -> bool:

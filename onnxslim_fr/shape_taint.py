@@ -130,6 +130,22 @@ def _indexed(node: onnx.NodeProto, graph: Graph, ins: list[Taint]) -> Taint | No
     return data[slice(index[0][0], index[1][0], step)] if step else None
 
 
+def shape_reads(target: str, graph: Graph) -> set[str]:
+    """The tensors whose Shape / Size `target` is computed from."""
+    todo, seen, sources = [target], set(), set()
+    while todo and len(seen) < _MAX_TRACED:
+        tensor = todo.pop()
+        node = graph.producer.get(tensor)
+        if tensor in seen or node is None:
+            continue
+        seen.add(tensor)
+        if node.op_type in ("Shape", "Size"):
+            sources.add(node.input[0])
+        else:
+            todo.extend(i for i in node.input if i)
+    return sources
+
+
 def entry_taints(target: str, graph: Graph, seeds: dict[str, int | None]) -> Taint | None:
     """Per entry of the small integer value `target`: does it read the channel axis of a
     tensor in `seeds` (tensor -> its channel axis) through a Shape? A Shape of a seed

@@ -44,6 +44,19 @@ def test_a_neuron_that_differs_only_in_a_tiny_weight_is_not_a_duplicate():
     assert removed(result) == 0
 
 
+def test_a_neuron_50_roundings_from_another_in_every_weight_is_not_a_duplicate():
+    """Merged, a consumer that takes the two neurons' difference (weights -1 and +1) loses
+    its whole output: 5e-6 of the neuron, far above float32's rounding of it."""
+    b = Net((None, 12))
+    h1 = b.gemm(b.x, 16)
+    y = b.gemm(b.relu(h1), 5)
+    b.scale_filter(h1, src=2, dst=9, factor=1.0)
+    w, _, axis = b._rows(h1)
+    rows = np.moveaxis(w, axis, 0)
+    rows[9] += 50 * np.spacing(np.abs(rows[9]))  # up 50 roundings: not a multiple of row 2
+    assert removed(slim_exact(b.build(y))) == 0
+
+
 def test_copies_of_a_filter_rounded_apart_by_float32_are_still_duplicates():
     b, gemm, y = _mlp()
     b.scale_filter(gemm, src=3, dst=7, factor=0.7)  # 0.7 * w rounds each weight to float32

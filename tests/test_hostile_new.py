@@ -230,7 +230,7 @@ def test_calibration_data_giving_nan_is_refused(tmp_path, capsys, exponent: floa
     assert "NaN or infinite" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("channel_entry", ["shape", "literal", "doubled"])
+@pytest.mark.parametrize("channel_entry", ["shape", "literal", "doubled", "other group"])
 def test_resize_sizes_read_off_the_input_follow_its_channels(channel_entry):
     """torch's ``interpolate(top, size=...)`` writes sizes = Concat(Shape(top)[:2], [H, W]):
     the channel entry is the input's own count, so the FPN's merged group (a lateral conv
@@ -247,15 +247,26 @@ def test_resize_sizes_read_off_the_input_follow_its_channels(channel_entry):
                                 g.c(np.array([C]))], axis=0)
     elif channel_entry == "doubled":
         shape = g.op("Mul", [shape, g.c(np.array([1, 2]))])
+    elif channel_entry == "other group":  # C_top + C_other - C: C today, not once slimmed
+        other = g.op("Relu", [g.conv("x", C, C, plant=[(0, 3, 1.0)])])
+        c_other = g.op("Slice", [g.op("Shape", [other]), g.c(np.array([1])),
+                                 g.c(np.array([2]))])
+        shape = g.op("Concat", [g.op("Slice", [shape, g.c(np.array([0])), g.c(np.array([1]))]),
+                                g.op("Sub", [g.op("Add", [g.op("Slice", [
+                                    shape, g.c(np.array([1])), g.c(np.array([2]))]), c_other]),
+                                    g.c(np.array([C]))])], axis=0)
     up = g.op("Resize", [top, "", "", g.op("Concat", [shape, g.c(np.array([6, 6]))], axis=0)],
               mode="nearest")
     if channel_entry == "doubled":  # 2C channels: their own head
         outputs = [g.conv(g.op("Relu", [lateral]), C, 4), g.conv(up, 2 * C, 4)]
+    elif channel_entry == "other group":
+        outputs = [g.conv(g.op("Relu", [g.op("Add", [lateral, up])]), C, 4),
+                   g.conv(other, C, 4)]
     else:
         outputs = [g.conv(g.op("Relu", [g.op("Add", [lateral, up])]), C, 4)]
     model = g.build(outputs)
     result = slim(model, latency_runs=0)
     assert_same_function(model, result.model)
-    assert removed(result) == (0 if channel_entry == "literal" else 1)
+    assert removed(result) == (1 if channel_entry in ("shape", "doubled") else 0)
     frozen = [r["frozen"] for r in result.report.groups if r["frozen"]]
     assert any("explicit sizes" in f for f in frozen) == (channel_entry != "shape")

@@ -424,11 +424,13 @@ def test_channels_a_slice_never_takes_are_dead_and_go():
     assert conv.dims[0] == 6  # channels 0-1 and 6-7: one of each unread piece stays
 
 
+@pytest.mark.parametrize("source", ["x", "r"])
 @pytest.mark.parametrize("kind", ["slice", "split"])
-def test_a_bound_computed_from_a_dynamic_height_stays_computed(kind):
-    """``x[:, :, :H // 2]`` (or a Split of H into H // 2 and the rest) next to a slimmed
-    group: the bound reads only the input's height, which no rewrite changes, and is no
-    known number; writing it as a constant raised an internal error (exit 3)."""
+def test_a_bound_computed_from_a_dynamic_height_stays_computed(kind, source):
+    """``r[:, :, :H // 2]`` (or a Split of H into H // 2 and the rest) next to a slimmed
+    group, H read off the input x or off r itself (torch's ``r.shape[2] // 2``, whose
+    channels the rewrite changes): the bound reads only a height, and is no known number;
+    writing it as a constant raised an internal error (exit 3)."""
     rng = np.random.default_rng(1)
     w1 = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
     w1[1] = 2 * w1[0]
@@ -438,7 +440,7 @@ def test_a_bound_computed_from_a_dynamic_height_stays_computed(kind):
         (np.array([2], np.int64), "h_axis"))]
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1] * 4),
              helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Shape", [source], ["s"]),
              helper.make_node("Gather", ["s", "two"], ["h"]),
              helper.make_node("Div", ["h", "two"], ["half"]),
              helper.make_node("Unsqueeze", ["half", "zero"], ["half1"])]

@@ -327,8 +327,9 @@ class ShapeHandler(OpHandler):
                         raise Unsupported(f"{node.op_type} of the channels sets the bounds of "
                                           f"{user.op_type} node {user.name}")
                     continue  # a Reshape target or Slice / Split bound: its handler checks it
-                if user.op_type == "Resize" and list(user.input).index(tensor) == 3:
-                    continue  # sizes: the Resize handler checks they follow its input
+                if user.op_type == "Resize" and list(user.input).index(tensor) == 3 and \
+                        user.input[0] == node.input[0]:
+                    continue  # its own sizes: the Resize handler checks they follow it
                 # Add/Sub/Div (torch's chunk) pass: only a Slice / Split bound, written as a
                 # constant, may take them; the Reshape handler refuses them in a target
                 if user.op_type not in (*_SHAPE_ARITHMETIC, "Add", "Sub", "Div") or \

@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 
 from ...graph import Graph
-from ...shape_taint import entry_taints
+from ...shape_taint import entry_taints, shape_reads
 from ...shape_values import value_of
 from ..context import AnalysisContext
 from ..structures import Unsupported
@@ -144,8 +144,11 @@ class ResizeHandler(OpHandler):
         """Sizes whose channel entry is the input's own channel count, read through Shape,
         and whose other entries do not read it (torch's ``interpolate(size=...)`` writes
         Concat(Shape(x)[:2], [H, W])): they follow any slimming by themselves."""
-        taint = entry_taints(node.input[3], ctx.graph, {node.input[0]: axis})
-        value = value_of(node.input[3], ctx.graph)  # read, not computed from: 2C would mix
+        sizes = node.input[3]  # a Shape of other channels: its entries may change apart
+        seeds = {t: axis if t == node.input[0] else None for t in shape_reads(sizes, ctx.graph)
+                 if ctx.layout(t) is not None}
+        taint = entry_taints(sizes, ctx.graph, seeds)
+        value = value_of(sizes, ctx.graph)  # read, not computed from: 2C would mix
         channels = (ctx.graph.shape(node.input[0]) or [None] * (axis + 1))[axis]
         return taint is not None and axis < len(taint) and taint[axis] and \
             not any(t for a, t in enumerate(taint) if a != axis) and value is not None and \

@@ -22,6 +22,7 @@ import onnx
 
 from ...errors import InternalError
 from ...graph import Graph
+from ...shape_taint import entry_taints, shape_reads
 from ...shape_values import value_of
 from ..context import AnalysisContext
 from ..layout import Layout
@@ -87,24 +88,19 @@ def _write_computed(node: onnx.NodeProto, rw: RewriteContext) -> None:
 
 
 def _reads_changed_shape(name: str, rw: RewriteContext) -> bool:
-    """Whether `name` is computed from the shape of a tensor whose channel count the
-    rewrite changes (the only shapes a rewrite changes)."""
-    todo, seen = [name], set()
-    while todo:
-        tensor = todo.pop()
-        node = rw.analysis.producer.get(tensor)
-        if tensor in seen or node is None:
-            continue
-        seen.add(tensor)
-        if node.op_type not in ("Shape", "Size"):
-            todo.extend(i for i in node.input if i)
-            continue
+    """Whether `name` reads the channel count of a tensor the rewrite slims, through a
+    Shape / Size (``x[:, :, :r.shape[2] // 2]`` reads only r's height: it stays computed)."""
+    seeds = {}
+    for source in shape_reads(name, rw.analysis):
         try:
-            if rw.new_layout(node.input[0]).size != rw.layout(node.input[0]).size:
-                return True
+            if rw.new_layout(source).size != rw.layout(source).size:
+                seeds[source] = rw.layout(source).axis
         except KeyError:  # no channel layout: its shape stays
             continue
-    return False
+    if not seeds:
+        return False
+    taint = entry_taints(name, rw.analysis, seeds)
+    return taint is None or any(taint)
 
 
 def _take(ctx: AnalysisContext, node: onnx.NodeProto, lay: Layout,
