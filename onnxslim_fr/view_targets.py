@@ -35,6 +35,8 @@ def unshare_reshape_targets(model: onnx.ModelProto) -> None:
             copy.CopyFrom(made[target])
             copies += 1
             copy.name, copy.output[0] = "", f"{target}__private{copies}"
+            del copy.metadata_props[:]  # dynamo's stack traces: 2 kB a node, the file grew
+            copy.doc_string = ""
             node.input[1] = copy.output[0]
             readers[target] -= 1
             nodes.append(copy)
