@@ -169,12 +169,16 @@ def _densified(proto: onnx.ModelProto) -> onnx.ModelProto:
     slimmed."""
     graph = proto.graph
     for sparse in graph.sparse_initializer:
-        values = numpy_helper.to_array(sparse.values)
-        indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
-        dense = np.zeros(int(np.prod(sparse.dims)), values.dtype)
-        flat = np.ravel_multi_index(tuple(indices.T), tuple(sparse.dims)) \
-            if indices.ndim == 2 else indices
-        dense[flat] = values.reshape(-1)
+        try:
+            values = numpy_helper.to_array(sparse.values)
+            indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+            dense = np.zeros(int(np.prod(sparse.dims)), values.dtype)
+            flat = np.ravel_multi_index(tuple(indices.T), tuple(sparse.dims)) \
+                if indices.ndim == 2 else indices
+            dense[flat] = values.reshape(-1)
+        except (ValueError, IndexError, TypeError) as exc:
+            raise BadModelError(f"invalid ONNX model: sparse initializer "
+                                f"{sparse.values.name!r} does not fit its dims: {exc}") from None
         graph.initializer.append(numpy_helper.from_array(dense.reshape(tuple(sparse.dims)),
                                                          sparse.values.name))
     del graph.sparse_initializer[:]

@@ -24,6 +24,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim_fr import analyze, model_io, slim
+from onnxslim_fr.errors import BadModelError
 from onnxslim_fr.graph import Graph, normalize
 from onnxslim_fr.testing import assert_same_function
 
@@ -375,3 +376,15 @@ def test_torchscript_pad_with_computed_pads_slims_the_channels_before_it():
     result = slim(model, latency_runs=0)
     assert next(t for t in result.model.graph.initializer if t.name == "w").dims[0] == 7
     assert_same_function(model, result.model)
+
+
+def test_a_sparse_initializer_with_an_index_out_of_its_dims_is_refused_in_one_line():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "bad_sparse", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])])
+    graph.sparse_initializer.append(helper.make_sparse_tensor(
+        _init("w", np.ones(2, np.float32)), _init("w_idx", np.array([1, 99], np.int64)), [4, 2]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    with pytest.raises(BadModelError, match="sparse initializer 'w' does not fit its dims"):
+        slim(model, latency_runs=0)
