@@ -25,7 +25,7 @@ def _axes(node: onnx.NodeProto, graph: Graph) -> list[int] | None:
         if value is None:
             raise Unsupported(f"{node.op_type} axes are not constant")
         axes = value.tolist()
-    if axes is not None and not len(axes):  # opset 18: empty axes reduce every axis
+    if axes is None or not len(axes):  # no or empty axes: every axis, or none at all
         if attr(node, "noop_with_empty_axes", 0):
             raise Unsupported(f"{node.op_type} with empty axes that does nothing")
         return None
