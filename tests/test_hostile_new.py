@@ -230,7 +230,8 @@ def test_calibration_data_giving_nan_is_refused(tmp_path, capsys, exponent: floa
     assert "NaN or infinite" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("channel_entry", ["shape", "literal", "doubled", "other group"])
+@pytest.mark.parametrize("channel_entry", ["shape", "size of other", "literal", "doubled",
+                                           "other group"])
 def test_resize_sizes_read_off_the_input_follow_its_channels(channel_entry):
     """torch's ``interpolate(top, size=...)`` writes sizes = Concat(Shape(top)[:2], [H, W]):
     the channel entry is the input's own count, so the FPN's merged group (a lateral conv
@@ -255,8 +256,9 @@ def test_resize_sizes_read_off_the_input_follow_its_channels(channel_entry):
                                 g.op("Sub", [g.op("Add", [g.op("Slice", [
                                     shape, g.c(np.array([1])), g.c(np.array([2]))]), c_other]),
                                     g.c(np.array([C]))])], axis=0)
-    up = g.op("Resize", [top, "", "", g.op("Concat", [shape, g.c(np.array([6, 6]))], axis=0)],
-              mode="nearest")
+    size = g.c(np.array([6, 6])) if channel_entry != "size of other" else g.op(
+        "Slice", [g.op("Shape", [lateral]), g.c(np.array([2])), g.c(np.array([4]))])
+    up = g.op("Resize", [top, "", "", g.op("Concat", [shape, size], axis=0)], mode="nearest")
     if channel_entry == "doubled":  # 2C channels: their own head
         outputs = [g.conv(g.op("Relu", [lateral]), C, 4), g.conv(up, 2 * C, 4)]
     elif channel_entry == "other group":
@@ -267,6 +269,7 @@ def test_resize_sizes_read_off_the_input_follow_its_channels(channel_entry):
     model = g.build(outputs)
     result = slim(model, latency_runs=0)
     assert_same_function(model, result.model)
-    assert removed(result) == (1 if channel_entry in ("shape", "doubled") else 0)
+    follows = channel_entry in ("shape", "size of other")  # H, W of another: no channels
+    assert removed(result) == (1 if follows or channel_entry == "doubled" else 0)
     frozen = [r["frozen"] for r in result.report.groups if r["frozen"]]
-    assert any("explicit sizes" in f for f in frozen) == (channel_entry != "shape")
+    assert any("explicit sizes" in f for f in frozen) == (not follows)

@@ -144,13 +144,16 @@ class ResizeHandler(OpHandler):
         """Sizes whose channel entry is the input's own channel count, read through Shape,
         and whose other entries do not read it (torch's ``interpolate(size=...)`` writes
         Concat(Shape(x)[:2], [H, W])): they follow any slimming by themselves."""
-        sizes = node.input[3]  # a Shape of other channels: its entries may change apart
-        seeds = {t: axis if t == node.input[0] else None for t in shape_reads(sizes, ctx.graph)
+        sizes = node.input[3]
+        seeds = {t: ctx.layout(t).axis for t in shape_reads(sizes, ctx.graph)
                  if ctx.layout(t) is not None}
-        taint = entry_taints(sizes, ctx.graph, seeds)
+        taint = entry_taints(sizes, ctx.graph, seeds)  # reads some channel count
+        others = entry_taints(sizes, ctx.graph,  # reads another tensor's channel count
+                              {t: a for t, a in seeds.items() if t != node.input[0]})
         value = value_of(sizes, ctx.graph)  # read, not computed from: 2C would mix
         channels = (ctx.graph.shape(node.input[0]) or [None] * (axis + 1))[axis]
-        return taint is not None and axis < len(taint) and taint[axis] and \
+        return taint is not None and others is not None and not any(others) and \
+            axis < len(taint) and taint[axis] and \
             not any(t for a, t in enumerate(taint) if a != axis) and value is not None and \
             axis < len(value) and channels is not None and value[axis] == channels
 
