@@ -111,11 +111,26 @@ def session(model: onnx.ModelProto, threads: int | None = None) -> ort.Inference
     providers = [name] if name == CPU else [name, CPU]
     release()
     declare_weight_inputs(model)  # a weight listed as input declares its sliced shape
+    try:
+        return _built(model, opts, providers)
+    except Exception as exc:  # onnxruntime's layout passes can fuse away an output we ask
+        if "Failed to find node output" not in str(exc):  # for (a Conv read by an Add)
+            raise
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        return _built(model, opts, providers)
+
+
+def _built(model: onnx.ModelProto, opts: ort.SessionOptions, providers: list[str]
+           ) -> ort.InferenceSession:
+    # on CPU alone a failed build is retried on CPU, after a banner printed to stdout
+    fallback = int(providers != [CPU])
     if not any(weights.stored(t) for t in model.graph.initializer) and \
             model_io.weight_bytes(model) <= SPILL_BYTES and model_io.fits(model):
-        return ort.InferenceSession(model_io.serialized(model), opts, providers=providers)
+        return ort.InferenceSession(model_io.serialized(model), opts, providers=providers,
+                                    enable_fallback=fallback)
     with model_io.spilled(model) as path:
-        return ort.InferenceSession(str(path), opts, providers=providers)
+        return ort.InferenceSession(str(path), opts, providers=providers,
+                                    enable_fallback=fallback)
 
 
 def release() -> None:

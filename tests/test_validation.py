@@ -12,6 +12,7 @@ import math
 import ml_dtypes
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from builders import Net
 from onnx import TensorProto as T
@@ -466,3 +467,27 @@ def test_weights_listed_as_graph_inputs_become_plain_weights_with_a_note():
     unchanged = slim(model, latency_runs=0)  # nothing exact to remove: handed back as it was
     assert len(unchanged.model.graph.input) == len(model.graph.input)
     assert not any("only carried weights" in n for n in unchanged.report.notes)
+
+
+def test_a_session_whose_layout_passes_lose_an_asked_output_is_built_without_them(
+        monkeypatch):
+    """onnxruntime 1.32's NCHWc passes fused a Conv that a residual Add reads into the Add,
+    dropping the Conv's output that the sensitivity probe had asked for ('Failed to find
+    node output', exit 3 on a ResNet-18 with dead channels). The build is retried at the
+    extended level, without layout passes."""
+    real, levels = ort.InferenceSession, []
+
+    def flaky(model, opts, **kwargs):
+        levels.append(opts.graph_optimization_level)
+        if opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
+            raise RuntimeError("Failed to find node output or a constant initializer "
+                               "producing output: conv_out.")
+        return real(model, opts, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", flaky)
+    b = Net((None, 4))
+    model = b.build(b.gemm(b.x, 3))
+    sess = session(model)
+    assert levels == [ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                      ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED]
+    assert sess.run(None, {"x": np.ones((2, 4), np.float32)})[0].shape == (2, 3)
