@@ -121,9 +121,9 @@ def test_every_session_of_a_calibrated_run_uses_the_provider_and_it_is_restored(
     seen: list[list[str]] = []
 
     class Recording(ort.InferenceSession):
-        def __init__(self, model, options=None, providers=None):
+        def __init__(self, model, options=None, providers=None, **kwargs):
             seen.append(list(providers))
-            super().__init__(model, options, providers=["CPUExecutionProvider"])
+            super().__init__(model, options, providers=["CPUExecutionProvider"], **kwargs)
 
     monkeypatch.setattr(runtime.ort, "get_available_providers",
                         lambda: ["FakeExecutionProvider", "CPUExecutionProvider"])
