@@ -61,11 +61,6 @@ def _small_shape(value: ir.Value | None) -> bool:
     return bool(dims.size) and 0 <= int(np.prod(dims)) <= weights.SMALL_ELEMENTS
 
 
-def _shared_weight(value: ir.Value | None) -> bool:
-    return value is not None and value.is_initializer() and len(value.uses()) > 1 and \
-        value.const_value is not None and value.const_value.size > weights.SMALL_ELEMENTS
-
-
 def fold(model: onnx.ModelProto) -> onnx.ModelProto:
     """A new model with every constant-only computation replaced by its value; the model
     as it was when the folder cannot handle it (folding is an aid, never a requirement)."""
