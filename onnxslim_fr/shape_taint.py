@@ -130,20 +130,22 @@ def _indexed(node: onnx.NodeProto, graph: Graph, ins: list[Taint]) -> Taint | No
     return data[slice(index[0][0], index[1][0], step)] if step else None
 
 
+def _computing(target: str, graph: Graph) -> dict[str, onnx.NodeProto]:
+    """The nodes `target` is computed by, by name, back to the Shape / Size nodes it reads."""
+    todo, needed = [target], {}
+    while todo and len(needed) < _MAX_TRACED:
+        node = graph.producer.get(todo.pop())
+        if node is not None and node.name not in needed:
+            needed[node.name] = node
+            if node.op_type not in ("Shape", "Size"):
+                todo.extend(i for i in node.input if i)
+    return needed
+
+
 def shape_reads(target: str, graph: Graph) -> set[str]:
     """The tensors whose Shape / Size `target` is computed from."""
-    todo, seen, sources = [target], set(), set()
-    while todo and len(seen) < _MAX_TRACED:
-        tensor = todo.pop()
-        node = graph.producer.get(tensor)
-        if tensor in seen or node is None:
-            continue
-        seen.add(tensor)
-        if node.op_type in ("Shape", "Size"):
-            sources.add(node.input[0])
-        else:
-            todo.extend(i for i in node.input if i)
-    return sources
+    return {n.input[0] for n in _computing(target, graph).values()
+            if n.op_type in ("Shape", "Size")}
 
 
 def entry_taints(target: str, graph: Graph, seeds: dict[str, int | None]) -> Taint | None:
@@ -152,13 +154,7 @@ def entry_taints(target: str, graph: Graph, seeds: dict[str, int | None]) -> Tai
     mapped to None (channels of another group) makes every entry it reaches unknown;
     None: not told. A dynamo Kᵀ target ``Concat(Shape(k)[:2], d, T)`` is
     ``[False, True, False, False]`` when k carries its heads on axis 1."""
-    todo, needed = [target], set()
-    while todo and len(needed) < _MAX_TRACED:
-        node = graph.producer.get(todo.pop())
-        if node is not None and node.name not in needed:
-            needed.add(node.name)
-            if node.op_type not in ("Shape", "Size"):
-                todo.extend(i for i in node.input if i)
+    needed = _computing(target, graph)
     taints: dict[str, Taint | None] = {}
     for node in graph.nodes:  # topological: inputs are known before the node
         if node.name not in needed:
